@@ -1,0 +1,2 @@
+"""datamatters: which training data matters, and how training gets there."""
+__version__ = "0.1.0"
