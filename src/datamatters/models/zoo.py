@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from datamatters.errors import UserError
+from datamatters.models.transformer import ref_mlp, transformer
 
 
 class MLP(nn.Module):
@@ -132,6 +133,8 @@ REGISTRY = {
     "resnet18": cifar_resnet18,
     "torchvision": torchvision_model,
     "hf": hf_classifier,
+    "transformer": transformer,
+    "ref_mlp": ref_mlp,
 }
 
 

@@ -88,9 +88,9 @@ def make_loggers(ctx: RunContext) -> list:
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
-            import wandb.util
+            import secrets
 
-            run_id = wandb.util.generate_id()
+            run_id = secrets.token_hex(4)
             id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE") or wb.get("mode", "offline")
         loggers.append(

@@ -1,0 +1,40 @@
+"""Plots shared by the jobs (matplotlib, Agg backend, PNG in the run dir)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def read_metrics(csv_path: Path) -> pd.DataFrame | None:
+    csv_path = Path(csv_path)
+    return pd.read_csv(csv_path) if csv_path.is_file() else None
+
+
+def plot_learning_curves(runs: dict[str, Path], out: Path, metric: str = "val/acc") -> Path | None:
+    """Accuracy vs gradient steps, one line per run (e.g. per selection method), from Lightning CSV metrics."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    drawn = 0
+    for label, path in runs.items():
+        df = read_metrics(path)
+        if df is None or metric not in df or "step" not in df:
+            continue
+        d = df[["step", metric]].dropna()
+        if len(d):
+            ax.plot(d["step"], d[metric], label=label, marker=".")
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("gradient steps")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return Path(out)

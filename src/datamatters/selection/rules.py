@@ -1,0 +1,168 @@
+"""Selection rules: pure functions from big-batch statistics to the positions to train on.
+
+Each rule takes ``k`` (how many to select) and the tensors it needs (``loss``: per-example train loss of the target
+model, ``il``: irreducible loss, ``logits``/``targets``, ``mc_logits`` (S, n_B, C) for MC-dropout rules) and returns a
+``Selection``: positions in the big batch and optional per-example loss weights (importance sampling only).
+Deterministic rules break ties by position (stable sort), so results never depend on the backend.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from datamatters.errors import UserError
+
+
+@dataclass
+class Selection:
+    idx: torch.Tensor
+    weights: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+def n_select(n_big: int, percent_train: float) -> int:
+    """n_b = max(1, int(percent_train * n_B)), with percent_train in (0, 1]."""
+    if not (0.0 < float(percent_train) <= 1.0):
+        raise UserError(f"selection.percent_train must be in (0, 1], got {percent_train}")
+    return min(n_big, max(1, int(percent_train * n_big)))
+
+
+def _check(name: str, t: torch.Tensor | None) -> torch.Tensor:
+    if t is None:
+        raise ValueError(f"this selection rule needs {name}")
+    if torch.isnan(t).any():
+        raise ValueError(f"NaN in {name} of the big batch: training diverged (lower the learning rate) "
+                         f"or the irreducible-loss file has gaps")
+    return t
+
+
+def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest scores; ties go to the earlier position."""
+    return torch.sort(scores, descending=True, stable=True).indices[:k]
+
+
+def reducible_loss(k: int, *, loss, il, **_) -> Selection:
+    """RHO-LOSS: the points with the highest reducible holdout loss, train loss minus irreducible loss."""
+    s = _check("loss", loss) - _check("irreducible loss", il)
+    return Selection(top_k(s, k), scores=s)
+
+
+def uniform(k: int, *, loss=None, generator: torch.Generator | None = None, n: int | None = None, **_) -> Selection:
+    n = len(loss) if loss is not None else int(n)
+    return Selection(torch.randperm(n, generator=generator, device="cpu")[:k].to(loss.device if loss is not None else "cpu"))
+
+
+def ce_loss(k: int, *, loss, **_) -> Selection:
+    """Highest training loss (Loshchilov & Hutter / Kawaguchi & Lu style)."""
+    s = _check("loss", loss)
+    return Selection(top_k(s, k), scores=s)
+
+
+def grad_norm_bound(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """||softmax(logits) - onehot(y)||_2: the last-layer gradient-norm upper bound (Katharopoulos & Fleuret)."""
+    p = torch.softmax(logits.float(), -1)
+    return torch.linalg.vector_norm(p - F.one_hot(targets, p.shape[-1]).float(), dim=-1)
+
+
+def gradnorm_ub(k: int, *, logits, targets, **_) -> Selection:
+    s = _check("grad-norm bound", grad_norm_bound(logits, targets))
+    return Selection(top_k(s, k), scores=s)
+
+
+def irreducible_loss(k: int, *, il, **_) -> Selection:
+    """Smallest irreducible loss (the paper's 'IL only' ablation)."""
+    s = -_check("irreducible loss", il)
+    return Selection(top_k(s, k), scores=s)
+
+
+def temperature_at(step: int, total: int, schedule: str = "fixed", start: float = 1.0, end: float = 0.1) -> float:
+    """Boltzmann temperature: fixed, linear or geometric interpolation from ``start`` to ``end`` over ``total`` steps."""
+    frac = min(max(step / max(total - 1, 1), 0.0), 1.0)
+    if schedule == "fixed":
+        return float(start)
+    if schedule == "linear":
+        return float(start + frac * (end - start))
+    if schedule == "geometric":
+        return float(start * (end / start) ** frac)
+    raise UserError(f"unknown temperature schedule {schedule!r}; use fixed, linear or geometric")
+
+
+def boltzmann(k: int, *, loss, il, temperature: float = 1.0, generator=None, **_) -> Selection:
+    """Sample k points without replacement from softmax(reducible loss / T)."""
+    if temperature <= 0:
+        raise UserError("boltzmann temperature must be > 0")
+    s = _check("loss", loss) - _check("irreducible loss", il)
+    p = torch.softmax(s.float() / temperature, 0)
+    idx = torch.multinomial(p.cpu(), k, replacement=False, generator=generator).to(s.device)
+    return Selection(idx, scores=s)
+
+
+def gradnorm_is(k: int, *, logits, targets, generator=None, **_) -> Selection:
+    """Importance sampling proportional to the gradient-norm bound, with replacement; weights 1 / (n_B p_i) keep the
+    gradient unbiased (Katharopoulos & Fleuret 2018)."""
+    g = _check("grad-norm bound", grad_norm_bound(logits, targets)).clamp_min(1e-12)
+    p = g / g.sum()
+    idx = torch.multinomial(p.cpu(), k, replacement=True, generator=generator).to(g.device)
+    return Selection(idx, weights=1.0 / (len(g) * p[idx]), scores=g)
+
+
+def _mc_probs(mc_logits: torch.Tensor) -> torch.Tensor:
+    _check("MC-dropout logits", mc_logits)
+    return torch.softmax(mc_logits.float(), -1)  # (S, n, C)
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(-1)
+
+
+def entropy(k: int, *, mc_logits, **_) -> Selection:
+    """Predictive entropy H[E_w p(y|x,w)] over MC-dropout samples (max-entropy acquisition)."""
+    s = _entropy(_mc_probs(mc_logits).mean(0))
+    return Selection(top_k(s, k), scores=s)
+
+
+def conditional_entropy(k: int, *, mc_logits, **_) -> Selection:
+    """Expected entropy E_w H[p(y|x,w)] (aleatoric part)."""
+    s = _entropy(_mc_probs(mc_logits)).mean(0)
+    return Selection(top_k(s, k), scores=s)
+
+
+def bald(k: int, *, mc_logits, **_) -> Selection:
+    """BALD mutual information H[E_w p] - E_w H[p] (Houlsby et al. 2011)."""
+    p = _mc_probs(mc_logits)
+    s = _entropy(p.mean(0)) - _entropy(p).mean(0)
+    return Selection(top_k(s, k), scores=s)
+
+
+RULES: dict[str, Callable[..., Selection]] = {
+    "reducible_loss": reducible_loss,
+    "uniform": uniform,
+    "ce_loss": ce_loss,
+    "gradnorm_ub": gradnorm_ub,
+    "irreducible_loss": irreducible_loss,
+    "boltzmann": boltzmann,
+    "gradnorm_is": gradnorm_is,
+    "entropy": entropy,
+    "conditional_entropy": conditional_entropy,
+    "bald": bald,
+}
+NEEDS_IL = {"reducible_loss", "irreducible_loss", "boltzmann"}
+NEEDS_MC = {"entropy", "conditional_entropy", "bald"}
+
+
+def get_rule(name: str) -> Callable[..., Selection]:
+    if name not in RULES:
+        raise UserError(f"unknown selection method {name!r}; choose one of {sorted(RULES)} (or 'svp')")
+    return RULES[name]
+
+
+def percentiles(x: torch.Tensor, qs=(10, 50, 90)) -> dict[str, float]:
+    if x.numel() == 0:
+        return {}
+    q = torch.quantile(x.float().cpu(), torch.tensor([q / 100 for q in qs]))
+    return {f"p{q}": float(v) for q, v in zip(qs, q)}
+
+

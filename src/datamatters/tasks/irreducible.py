@@ -1,0 +1,90 @@
+"""The irreducible-loss job: train the IL model on the holdout split, pick the checkpoint by validation loss (never
+test: the reference leaks here), then save eval-mode, un-augmented per-example losses over the target-train split."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamatters.artifacts import config_hash
+from datamatters.selection.il_store import save_irreducible_losses
+from datamatters.tasks.building import build_datamodule, build_network, build_optimizer, build_trainer, last_checkpoint
+from datamatters.tasks.common import RunContext, job, make_loggers, print_summary, write_summary
+from datamatters.training.classifier import ClassifierModule, evaluate_losses
+
+IL_DATA_KEYS_IGNORED = ("batch_size", "eval_batch_size", "num_workers", "pin_memory", "fit_split", "data_dir", "augment")
+
+
+def il_config_key(cfg: DictConfig) -> str:
+    """Hash of what determines the IL values: data (not loader settings), the IL model and its training, the seed."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for k in IL_DATA_KEYS_IGNORED:
+        data.pop(k, None)
+    il = OmegaConf.to_container(cfg.irreducible, resolve=True)
+    for k in ("path", "output", "checkpoint"):
+        il.pop(k, None)
+    return config_hash({"data": data, "irreducible": il, "seed": cfg.get("seed")})
+
+
+def _fit_one(cfg: DictConfig, ctx: RunContext, dm, fit_split: str, tag: str):
+    """Train one IL model on ``fit_split``; return it with the best-val-loss weights loaded."""
+    il = cfg.irreducible
+    dm.fit_split = fit_split
+    dm.batch_size = int(il.get("batch_size") or dm.batch_size)
+    dm.augment = bool(il.get("augment", dm.augment))
+    model = build_network(il.model, dm)
+    module = ClassifierModule(model, build_optimizer(il.optimizer), num_classes=dm.num_classes)
+    ckpt_dir = ctx.run_dir / f"checkpoints_{tag}"
+    trainer = build_trainer(cfg, ctx, ckpt_dir=ckpt_dir, max_epochs=int(il.max_epochs))
+    trainer.fit(module, datamodule=dm, ckpt_path=last_checkpoint(ckpt_dir))
+    best = Path(ckpt_dir) / "best.ckpt"
+    if best.is_file():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0] if not trainer.fast_dev_run else {}
+    return module.model, val
+
+
+def train_irreducible(cfg: DictConfig, ctx: RunContext, out_path: Path) -> dict:
+    """Train the IL model(s) and write the IL file; returns the metadata written."""
+    dm = build_datamodule(cfg)
+    train_idx = dm.split_indices("train")
+    if cfg.irreducible.get("no_holdout", False):
+        # two IL models, each trained on one half of the train split, give the IL of the other half
+        perm = np.random.default_rng([int(cfg.seed), 7]).permutation(len(train_idx))
+        halves = (np.sort(train_idx[perm[: len(perm) // 2]]), np.sort(train_idx[perm[len(perm) // 2:]]))
+        dm.add_split("half_a", halves[0])
+        dm.add_split("half_b", halves[1])
+        losses, idxs, vals = [], [], []
+        for fit, other, tag in (("half_a", "half_b", "a"), ("half_b", "half_a", "b")):
+            model, val = _fit_one(cfg, ctx, dm, fit, tag)
+            i, l, _ = evaluate_losses(model, dm.loader(other))
+            idxs.append(i), losses.append(l), vals.append(val)
+        indices, values = np.concatenate(idxs), np.concatenate(losses)
+        val = {k: float(np.mean([v.get(k, np.nan) for v in vals])) for k in vals[0]} if vals[0] else {}
+    else:
+        model, val = _fit_one(cfg, ctx, dm, "holdout", "il")
+        indices, values, _ = evaluate_losses(model, dm.loader("train"))
+    meta = dm.metadata("train") | {
+        "seed": cfg.get("seed"),
+        "config_hash": il_config_key(cfg),
+        "holdout_val_acc": val.get("val/acc"),
+        "holdout_val_loss": val.get("val/loss"),
+        "no_holdout": bool(cfg.irreducible.get("no_holdout", False)),
+    }
+    save_irreducible_losses(out_path, values, indices, meta)
+    return meta
+
+
+def run(cfg: DictConfig) -> dict:
+    with job(cfg, "irreducible") as ctx:
+        make_loggers(ctx)
+        out = Path(cfg.irreducible.get("output") or ctx.run_dir / "irreducible_losses.npz")
+        meta = train_irreducible(cfg, ctx, out)
+        summary = write_summary(ctx, {"irreducible/val_acc": meta["holdout_val_acc"],
+                                      "irreducible/val_loss": meta["holdout_val_loss"]}, {"irreducible_losses": out})
+        print_summary(summary, ["irreducible/val_acc", "irreducible/val_loss", "run_dir"], title="irreducible loss")
+        print(f"IL file: {out}")
+        return summary
