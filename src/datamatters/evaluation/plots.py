@@ -11,8 +11,13 @@ import pandas as pd  # noqa: E402
 
 
 def read_metrics(csv_path: Path) -> pd.DataFrame | None:
+    """Lightning CSV metrics of a run; a resumed run's later parts (csv/resume_k/metrics.csv) are appended."""
     csv_path = Path(csv_path)
-    return pd.read_csv(csv_path) if csv_path.is_file() else None
+    parts = [csv_path] if csv_path.is_file() else []
+    parts += sorted(csv_path.parent.glob("resume_*/metrics.csv"))
+    if not parts:
+        return None
+    return pd.concat([pd.read_csv(p) for p in parts], ignore_index=True)
 
 
 def plot_learning_curves(runs: dict[str, Path], out: Path, metric: str = "val/acc") -> Path | None:

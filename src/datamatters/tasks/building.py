@@ -1,6 +1,7 @@
 """Hydra config -> engine objects (datamodule, model, optimiser, trainer). Only tasks use this."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,11 @@ def build_callbacks(cfg: DictConfig, ctx: RunContext, ckpt_dir: Path, monitor: b
         tags = {"seed": cfg.get("seed"), "config_hash": ctx.cfg_hash, "experiment": cfg.get("experiment_name")}
         callbacks.append(WeightStatsRecorder(**OmegaConf.to_container(dyn, resolve=True), out_dir=ctx.run_dir, tags=tags))
     return callbacks
+
+
+warnings.filterwarnings("ignore", message=".*manual optimization and every_n_train_steps.*")
+warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 
 
 def build_trainer(cfg: DictConfig, ctx: RunContext, *, ckpt_dir: Path, loggers: list | None = None,

@@ -79,7 +79,10 @@ def make_loggers(ctx: RunContext) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
     cfg = ctx.cfg
-    loggers: list = [CSVLogger(save_dir=str(ctx.run_dir), name="csv", version="")]
+    # a resumed job writes a new CSV part instead of overwriting the metrics of the earlier attempt
+    parts = sorted((ctx.run_dir / "csv").glob("**/metrics.csv"))
+    version = "" if not parts else f"resume_{len(parts)}"
+    loggers: list = [CSVLogger(save_dir=str(ctx.run_dir), name="csv", version=version)]
     wb = OmegaConf.select(cfg, "logger.wandb")
     if wb is not None and wb.get("enabled", True):
         from lightning.pytorch.loggers import WandbLogger

@@ -1,0 +1,46 @@
+"""Shared test helpers: compose configs with Hydra's compose API, run jobs in-process or as a user would."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+
+
+def compose_cfg(overrides: list[str] | None = None, config_name: str = "train"):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=list(overrides or []))
+
+
+def run_job(tmp_path: Path, overrides: list[str], config_name: str = "train") -> dict:
+    """Compose and run a job in-process with its run dir and caches under ``tmp_path``."""
+    from datamatters.tasks.common import dispatch
+
+    cfg = compose_cfg([f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *overrides], config_name)
+    return dispatch(cfg)
+
+
+def run_cli(args: list[str], tmp_path: Path, script: str = "run.py", timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would (new process), logs under ``tmp_path``."""
+    env = {**os.environ, "WANDB_MODE": "offline", "LOG_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Overrides that make a digits RHO-LOSS job take a few seconds."""
+    return ["trainer.max_epochs=3", "irreducible.max_epochs=2", "trainer.enable_progress_bar=false",
+            "logger.wandb.enabled=false"]

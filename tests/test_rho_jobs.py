@@ -1,0 +1,95 @@
+"""The train (RHO-LOSS) and irreducible jobs end to end: fast_dev_run, resume, W&B offline, the noisy-digits check,
+and each bad input giving one clear message with a non-zero exit."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, run_job
+
+
+def test_fast_dev_run_train_and_irreducible(tmp_path):
+    res = run_cli(["trainer.fast_dev_run=true", "irreducible.max_epochs=1"], tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli(["trainer.fast_dev_run=true", f"irreducible.output={tmp_path}/il.npz"], tmp_path,
+                  script="run_irreducible.py")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (tmp_path / "il.npz").is_file()
+
+
+def test_irreducible_then_main_uses_the_file(tmp_path, tiny):
+    il = tmp_path / "il.npz"
+    s = run_job(tmp_path, [*tiny, f"irreducible.output={il}"], config_name="irreducible")
+    assert il.is_file() and s["irreducible/val_acc"] > 0.3
+    s = run_job(tmp_path / "main", [*tiny, f"irreducible.path={il}"])
+    summary = json.loads(Path(s["run_dir"], "summary.json").read_text())
+    assert summary["trainer/steps"] == 6 and summary["config_hash"]
+    sel = np.load(summary["artifacts"]["selected_indices"])
+    assert sel.shape == (6, 32)  # n_b = int(0.1 * 320) per step
+
+
+def test_rho_selects_far_fewer_corrupted_points_than_uniform(tmp_path):
+    """Digits with 20% uniform noise: RHO-LOSS's selected corrupted fraction is well below uniform's."""
+    common = ["data.label_noise.pc_corrupted=0.2", "trainer.max_epochs=25", "irreducible.max_epochs=30",
+              "trainer.enable_progress_bar=false", "logger.wandb.enabled=false"]
+    rho = run_job(tmp_path / "rho", common)
+    uni = run_job(tmp_path / "uni", [*common, "selection=uniform"])
+    print("corrupted frac rho", rho["selection/corrupted_frac"], "uniform", uni["selection/corrupted_frac"],
+          "data", rho["data/corrupted_frac"])
+    assert rho["data/corrupted_frac"] == pytest.approx(uni["data/corrupted_frac"])
+    assert 0.12 < uni["selection/corrupted_frac"] < 0.26  # uniform selects about the base rate (~18%)
+    assert rho["selection/corrupted_frac"] < 0.05         # RHO-LOSS avoids noisy labels
+    assert rho["test/acc"] > 0.85
+
+
+def test_wandb_offline_run_holds_the_metrics(tmp_path):
+    s = run_job(tmp_path, ["trainer.max_epochs=2", "irreducible.max_epochs=1", "trainer.enable_progress_bar=false",
+                           "trainer.log_every_n_steps=1"])
+    wb = Path(s["wandb/run_dir"])
+    assert wb.name.startswith("offline-run-")
+    history = (wb / "files" / "wandb-summary.json")
+    data = list(wb.glob("run-*.wandb"))
+    assert data and data[0].stat().st_size > 0
+    if history.exists():  # written at finish
+        keys = json.loads(history.read_text())
+        assert "test/acc" in keys and "selection/corrupted_frac" in keys
+    csv = Path(s["run_dir"]) / "csv" / "metrics.csv"
+    header = csv.read_text().splitlines()[0]
+    for key in ("train/loss_step", "val/acc", "test/acc", "selection/corrupted_frac", "trainer/examples_seen"):
+        assert key in header
+
+
+def test_rerun_into_same_dir_resumes(tmp_path, tiny):
+    run_dir = tmp_path / "run"
+    first = run_job(tmp_path, [*tiny, "callbacks.checkpoint.every_n_train_steps=1"])
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    again = run_job(tmp_path, [*tiny, "trainer.max_epochs=5", "callbacks.checkpoint.every_n_train_steps=1"])
+    assert again["trainer/steps"] == 10 and first["trainer/steps"] == 6
+    sel = np.load(Path(again["artifacts"]["selected_indices"]))
+    assert sel.shape[0] == 10  # selections made before the restart were restored from the checkpoint
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data=cifar10", "paths.data_dir=/nonexistent/dm-data"], "/nonexistent/dm-data"),
+    (["irreducible.path=/nonexistent/il.npz"], "irreducible-loss file not found"),
+    (["selection.method=foo"], "unknown selection method 'foo'"),
+    (["selection=foo"], "Could not find 'selection/foo'"),
+    (["selection.percent_train=0"], "percent_train must be in (0, 1]"),
+    (["selection.percent_train=1.5"], "percent_train must be in (0, 1]"),
+])
+def test_bad_input_gives_one_clear_message(tmp_path, args, message):
+    res = run_cli([*args, "trainer.fast_dev_run=true"], tmp_path)
+    assert res.returncode != 0
+    assert message in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+
+
+def test_il_file_from_another_config_is_refused(tmp_path, tiny):
+    il = tmp_path / "il.npz"
+    run_job(tmp_path, [*tiny, f"irreducible.output={il}"], config_name="irreducible")
+    before = il.read_bytes()
+    res = run_cli([f"irreducible.path={il}", "data.seed=1", "trainer.fast_dev_run=true"], tmp_path)
+    assert res.returncode != 0 and "irreducible-loss file" in res.stderr and "recompute" in res.stderr.lower()
+    assert "Traceback" not in res.stderr
+    assert il.read_bytes() == before  # nothing already stored is touched
