@@ -2,6 +2,7 @@
 import hydra
 from omegaconf import DictConfig
 
+import datamatters.tasks.schema  # noqa: F401  (registers config schemas)
 from datamatters.tasks.common import dispatch
 
 

@@ -19,6 +19,8 @@ def compose_cfg(overrides: list[str] | None = None, config_name: str = "train"):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    import datamatters.tasks.schema  # noqa: F401
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name, overrides=list(overrides or []))

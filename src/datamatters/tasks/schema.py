@@ -1,0 +1,50 @@
+"""Structured-config schemas registered in Hydra's ConfigStore, so a typo or a wrong type in these groups fails at
+compose time (``selection.percent_train=abc`` -> error before any training)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class SVPSchema:
+    score: str = "entropy"
+    keep_fraction: float = 0.5
+    proxy_epochs: int = 5
+
+
+@dataclass
+class SelectionSchema:
+    method: str = "reducible_loss"
+    percent_train: float = 0.1
+    score_mode: str = "train"
+    update_bn_on_score: bool = False
+    score_precision: Optional[str] = None
+    channels_last: bool = False
+    temperature: Optional[Any] = None
+    mc_samples: int = 10
+    svp: SVPSchema = field(default_factory=SVPSchema)
+
+
+@dataclass
+class IrreducibleSchema:
+    path: Optional[str] = None
+    output: Optional[str] = None
+    checkpoint: Optional[str] = None
+    model: Any = None
+    optimizer: Any = None
+    max_epochs: int = 30
+    batch_size: Optional[int] = None
+    no_holdout: bool = False
+    augment: bool = False
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="selection", name="schema", node=SelectionSchema)
+    cs.store(group="irreducible", name="schema", node=IrreducibleSchema)
+
+
+register()
