@@ -93,3 +93,33 @@ def test_il_file_from_another_config_is_refused(tmp_path, tiny):
     assert res.returncode != 0 and "irreducible-loss file" in res.stderr and "recompute" in res.stderr.lower()
     assert "Traceback" not in res.stderr
     assert il.read_bytes() == before  # nothing already stored is touched
+
+
+@pytest.mark.parametrize("extra", [
+    ["selection=ce_loss"], ["selection=gradnorm_ub"], ["selection=irreducible_loss"], ["selection=gradnorm_is"],
+    ["selection=boltzmann", "selection.temperature.schedule=geometric"],
+    ["selection=bald", "model.dropout=0.2", "selection.mc_samples=3"], ["selection=entropy", "model.dropout=0.2"],
+    ["selection=svp", "selection.svp.score=forgetting", "selection.svp.proxy_epochs=2"],
+])
+def test_every_selection_method_runs(tmp_path, tiny, extra):
+    s = run_job(tmp_path, [*tiny, *extra])
+    assert s["test/acc"] > 0.1 and s["trainer/steps"] > 0
+    assert 0 <= s["selection/corrupted_frac"] <= 1
+
+
+def test_il_on_the_fly_from_checkpoint_and_no_holdout_variant(tmp_path, tiny):
+    from datamatters.artifacts import load_indexed
+
+    run_job(tmp_path / "il", [*tiny, "irreducible.max_epochs=3"], config_name="irreducible")
+    ckpt = tmp_path / "il" / "run" / "checkpoints_il" / "best.ckpt"
+    assert ckpt.is_file()
+    s = run_job(tmp_path / "fly", [*tiny, f"irreducible.checkpoint={ckpt}"])
+    assert s["trainer/steps"] == 6
+    nh = tmp_path / "nh.npz"
+    run_job(tmp_path / "nh", [*tiny, "irreducible.no_holdout=true", f"irreducible.output={nh}"], config_name="irreducible")
+    values, idx, meta = load_indexed(nh)
+    from datamatters.data.digits import DigitsDataModule
+
+    dm = DigitsDataModule(label_noise={"kind": "uniform", "pc_corrupted": 0.1})
+    assert sorted(idx.tolist()) == sorted(dm.split_indices("train").tolist()) and meta["no_holdout"]
+    assert np.isfinite(values).all()
