@@ -123,3 +123,14 @@ def test_il_on_the_fly_from_checkpoint_and_no_holdout_variant(tmp_path, tiny):
     dm = DigitsDataModule(label_noise={"kind": "uniform", "pc_corrupted": 0.1})
     assert sorted(idx.tolist()) == sorted(dm.split_indices("train").tolist()) and meta["no_holdout"]
     assert np.isfinite(values).all()
+
+
+def test_compare_runs_plots_one_curve_per_method(tmp_path, tiny):
+    for m in ("reducible_loss", "uniform"):
+        run_job(tmp_path / m, [*tiny, f"selection={m}", "trainer.log_every_n_steps=1"])
+    s = run_job(tmp_path / "cmp", ["task=compare", f"compare.runs=[{tmp_path}/*/run]"])
+    assert s["compare/runs"] == 2 and Path(s["artifacts"]["plot"]).is_file()
+    import pandas as pd
+
+    table = pd.read_csv(s["artifacts"]["table"])
+    assert set(table["selection/method"]) == {"reducible_loss", "uniform"}
