@@ -31,17 +31,21 @@ def mnist1d_arrays(num_samples: int = 5000, generation_seed: int = 42, train_spl
         raise UserError(f"mnist1d needs num_samples >= 10 (one per class), got {num_samples}")
     if not 0.0 < train_split < 1.0:
         raise UserError(f"mnist1d train_split must be in (0, 1), got {train_split}")
+    from importlib.metadata import version
+
+    spec = {"num_samples": int(num_samples), "seed": int(generation_seed), "train_split": float(train_split),
+            "mnist1d": version("mnist1d")}  # the package's other generation defaults are fixed per version
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / f"mnist1d_{num_samples}_{generation_seed}_{config_hash(spec, 8)}.npz"
+        if path.is_file():  # no mnist1d import (matplotlib + scipy: seconds) when the arrays are cached
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
     from mnist1d.data import get_dataset_args
 
     args = get_dataset_args(as_dict=True)
-    args.update(num_samples=int(num_samples), seed=int(generation_seed), train_split=float(train_split))
+    args.update(num_samples=spec["num_samples"], seed=spec["seed"], train_split=spec["train_split"])
     args.pop("url", None)
-    path = None
-    if cache_dir is not None:
-        path = Path(cache_dir) / f"mnist1d_{num_samples}_{generation_seed}_{config_hash(args, 8)}.npz"
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in ("x", "y", "x_test", "y_test")}
     arrays = _generate(args)
     if path is not None:
         buf = io.BytesIO()
