@@ -1,0 +1,196 @@
+"""The interface every influence method shares (pyDVL 0.10's ``InfluenceFunctionModel``).
+
+Definitions (pyDVL's, kept):
+
+* ``influence_factors(x, y)`` = ``(C + lambda I)^-1 g(x, y)`` per example, ``C`` the (block-diagonal)
+  curvature of the mean training loss and ``g`` the per-example loss gradient;
+* ``influences(x_test, y_test, x, y, mode="up")[j, i] = <factor(z_test_j), g(z_i)>``;
+* ``mode="perturbation"``: ``[j, i, ...] = grad_x <factor(z_test_j), g(x_i, y_i)>`` (shape (m, n, *x.shape[1:])).
+
+Sign: ``g_test^T H^-1 g_train`` is *minus* the derivative of the test loss when ``z_i`` is up-weighted, so a
+**positive influence means that training on z_i lowers the test point's loss** (raises its margin). That is the
+orientation the attribution scores and LDS use (``evaluate.attribution_scores`` returns the values as they are).
+Self-influence ``<factor(z), g(z)>`` is large for points the model finds hard or mislabelled.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections import Counter
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from datamatters.errors import UserError
+from datamatters.influence.blocks import Block, BlockStructure, Regularization, block_regularization, make_blocks
+from datamatters.influence.curvature import KINDS
+from datamatters.influence.functional import Loss, ModelFunction, split_batch
+
+MODES = ("up", "perturbation")
+
+
+def as_mode(mode: Any) -> str:
+    """Accept ``"up"``/``"perturbation"`` (any case) or an enum whose value is one of them."""
+    value = str(getattr(mode, "value", mode)).lower()
+    if value not in MODES:
+        raise UserError(f"mode must be one of {MODES}, got {mode!r}")
+    return value
+
+
+def reiterable(data: Iterable, what: str = "training data") -> Iterable:
+    if iter(data) is data:
+        raise UserError(f"{what} must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
+    return data
+
+
+class InfluenceModel(ABC):
+    """Base class: ``fit(train_loader)``, ``influence_factors``, ``influences``, ``influences_from_factors``.
+
+    Subclasses implement ``_fit(data)`` and ``_solve_block(block, G)`` (or ``_solve(G)`` for methods that are not
+    block-wise). ``stats["solve_calls"]`` counts inverse-curvature applications (one per ``influence_factors``
+    call), which lets tests check that calculators reuse factors.
+    """
+
+    is_thread_safe = False  # torch.func.functional_call swaps module attributes while it runs
+    needs_positive_regularization = False
+    symmetric = True  # the inverse is a fixed symmetric matrix, so sides may be swapped for speed
+
+    def __init__(self, model: nn.Module, loss: Loss, *, regularization: Regularization = None,
+                 block_structure: BlockStructure = "full", curvature: str = "hessian", grad_chunk: int = 512,
+                 progress: bool = False):
+        if not isinstance(model, nn.Module):
+            raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not callable(loss):
+            raise UserError("loss must be a callable loss(outputs, targets) -> scalar, e.g. F.cross_entropy")
+        if curvature not in KINDS:
+            raise UserError(f"curvature must be one of {KINDS}, got {curvature!r}")
+        self.model, self.loss, self.curvature = model, loss, curvature
+        self.blocks: list[Block] = make_blocks(model, block_structure)
+        self.regularization = block_regularization(self.blocks, regularization, self.needs_positive_regularization)
+        self.grad_chunk, self.progress = int(grad_chunk), bool(progress)
+        self.fn: ModelFunction | None = None
+        self.stats: Counter = Counter()
+        self.timings: dict[str, float] = {}
+        self._x_shape: tuple | None = None
+        self._y_shape: tuple | None = None
+
+    # ---- fitting -------------------------------------------------------------------------------------------
+    def fit(self, data: Iterable) -> "InfluenceModel":
+        """Prepare the inverse curvature from the training data (a DataLoader of (x, y) or (index, x, y))."""
+        data = reiterable(data)
+        first = next(iter(data), None)
+        if first is None:
+            raise UserError("the training data loader yielded no batches")
+        x0, y0 = split_batch(first)
+        self._x_shape, self._y_shape = tuple(x0.shape[1:]), tuple(torch.as_tensor(y0).shape[1:])
+        self.model.eval()  # influence is a property of the trained function: no dropout, frozen batch-norm stats
+        self.fn = ModelFunction(self.model, self.loss, self.blocks)
+        t = time.perf_counter()
+        self._fit(data)
+        self.timings["fit_s"] = time.perf_counter() - t
+        return self
+
+    @abstractmethod
+    def _fit(self, data: Iterable) -> None: ...
+
+    @property
+    def is_fitted(self) -> bool:
+        return self.fn is not None
+
+    @property
+    def n_parameters(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of a factor row (the number of parameters, or the projection size for TRAK)."""
+        return self.n_parameters
+
+    # ---- features (per-example gradients unless a method projects them) -------------------------------------
+    def features(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.fn.grads(x, y, chunk=self.grad_chunk)
+
+    def feature_rows(self, x: Tensor, y: Tensor) -> Tensor:
+        """Checked ``features``: what ``influences_from_factors`` multiplies the factors with (up mode)."""
+        self._check_fitted()
+        return self.features(*self._check_xy(x, y, "features"))
+
+    def feature_fn(self):
+        """``(x1, y1) -> feature vector`` for one example, differentiable in ``x1``."""
+        return self.fn.flat_grad_fn()
+
+    # ---- inverse curvature ---------------------------------------------------------------------------------
+    def _solve(self, G: Tensor) -> Tensor:
+        return torch.cat([self._solve_block(b, G[:, b.slice]) for b in self.blocks], dim=1)
+
+    def _solve_block(self, block: Block, G: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    # ---- public computations -------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not self.is_fitted:
+            raise UserError(f"{type(self).__name__} is not fitted: call .fit(train_loader) first")
+
+    def _check_xy(self, x, y, what: str) -> tuple[Tensor, Tensor]:
+        if x is None or y is None:
+            raise UserError(f"{what}: give both inputs and labels (got {'no x' if x is None else 'no y'})")
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        if x.dim() == 0 or y.dim() == 0 or x.shape[0] != y.shape[0]:
+            raise UserError(f"{what}: x has shape {tuple(x.shape)} and y {tuple(y.shape)}; they need the same "
+                            "number of rows (the first dimension is the batch)")
+        if self._x_shape is not None and tuple(x.shape[1:]) != self._x_shape:
+            raise UserError(f"{what}: inputs have shape {tuple(x.shape[1:])} per example but the model was fitted on "
+                            f"{self._x_shape}")
+        if self._y_shape is not None and tuple(y.shape[1:]) != self._y_shape:
+            raise UserError(f"{what}: labels have shape {tuple(y.shape[1:])} per example but the model was fitted on "
+                            f"{self._y_shape}")
+        return self.fn.prepare(x, y)
+
+    def influence_factors(self, x: Tensor, y: Tensor) -> Tensor:
+        """``(C + lambda I)^-1 g(x_j, y_j)`` for every row: (n, feature_dim)."""
+        self._check_fitted()
+        x, y = self._check_xy(x, y, "influence_factors")
+        t = time.perf_counter()
+        out = self._solve(self.features(x, y)).detach()
+        self.stats["solve_calls"] += 1
+        self.stats["solved_rows"] += x.shape[0]
+        self.timings["solve_s"] = self.timings.get("solve_s", 0.0) + time.perf_counter() - t
+        return out
+
+    def influences_from_factors(self, factors: Tensor, x: Tensor, y: Tensor, mode: Any = "up") -> Tensor:
+        """Influences of the points ``(x, y)`` on the points whose ``factors`` are given: (m, n) for ``up``,
+        (m, n, *x.shape[1:]) for ``perturbation``."""
+        self._check_fitted()
+        mode = as_mode(mode)
+        x, y = self._check_xy(x, y, "influences_from_factors")
+        factors = torch.as_tensor(factors).to(self.fn.device, self.fn.dtype)
+        if factors.dim() != 2 or factors.shape[1] != self.feature_dim:
+            raise UserError(f"factors must be (m, {self.feature_dim}) for this model, got {tuple(factors.shape)}")
+        self.stats["from_factors_calls"] += 1
+        if mode == "up":
+            return factors @ self.features(x, y).T
+        return self.fn.perturbation(self.feature_fn(), factors, x, y)
+
+    def influences(self, x_test: Tensor, y_test: Tensor, x: Tensor | None = None, y: Tensor | None = None,
+                   mode: Any = "up") -> Tensor:
+        """Influence of every train point ``(x, y)`` on every test point: (n_test, n_train[, *x.shape[1:]]).
+        Without ``x, y`` the test points are used on both sides (pyDVL's symmetric case)."""
+        self._check_fitted()
+        mode = as_mode(mode)
+        if (x is None) != (y is None):
+            raise UserError("influences: give both x and y for the training side, or neither")
+        x_test, y_test = self._check_xy(x_test, y_test, "influences (test side)")
+        if x is None:
+            x, y = x_test, y_test
+        else:
+            x, y = self._check_xy(x, y, "influences (train side)")
+        if mode == "up" and self.symmetric and x_test.shape[0] > x.shape[0]:
+            return self.influences_from_factors(self.influence_factors(x, y), x_test, y_test).T
+        return self.influences_from_factors(self.influence_factors(x_test, y_test), x, y, mode)
+
+    def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
+        """``<factor(z), g(z)>`` for every row (the diagonal of the symmetric influence matrix)."""
+        factors = self.influence_factors(x, y)
+        x, y = self._check_xy(x, y, "self_influences")
+        return (factors * self.features(x, y)).sum(1)
