@@ -180,19 +180,21 @@ def test_random_crop_flip_matches_pad_crop_flip_then_normalise():
     view = NormalizedImages(raw, (0.4, 0.5, 0.6), (0.2, 0.25, 0.3))
     aug = RandomCropFlip(32, padding=4, fill=view.black())
     gen = torch.Generator().manual_seed(0)
-    out = aug(view[torch.arange(3)], generator=gen)
+    batched = aug(view[torch.arange(3)], generator=gen)  # one gather for the batch
     for b in range(3):
         padded = F.pad(raw[b], [4, 4, 4, 4], fill=0)
         candidates = [padded[:, i:i + 32, j:j + 32] for i in range(9) for j in range(9)]
         candidates += [c.flip(-1) for c in candidates]
         norm = [(c.float() / 255 - view.mean) / view.std for c in candidates]
-        assert any(torch.allclose(out[b], c, atol=1e-6) for c in norm)
-    single = aug(view[0], generator=gen)
-    assert single.shape == (3, 32, 32)
-    flips = RandomCropFlip(32, padding=0, fill=view.black())(view[torch.zeros(64, dtype=torch.long)], generator=gen)
-    n_flipped = sum(bool(torch.equal(f, view[0].flip(-1))) for f in flips)
-    assert 10 < n_flipped < 54  # about half flipped, the rest untouched
-    assert all(torch.equal(f, view[0]) or torch.equal(f, view[0].flip(-1)) for f in flips)
+        for out in (batched[b], aug(view[b], generator=gen)):  # and the per-item slicing path
+            assert out.shape == (3, 32, 32)
+            assert any(torch.allclose(out, c, atol=1e-6) for c in norm)
+    no_pad = RandomCropFlip(32, padding=0, fill=view.black())
+    for flips in (no_pad(view[torch.zeros(64, dtype=torch.long)], generator=gen),
+                  torch.stack([no_pad(view[0], generator=gen) for _ in range(64)])):
+        n_flipped = sum(bool(torch.equal(f, view[0].flip(-1))) for f in flips)
+        assert 10 < n_flipped < 54  # about half flipped, the rest untouched
+        assert all(torch.equal(f, view[0]) or torch.equal(f, view[0].flip(-1)) for f in flips)
 
 
 # ---- MNIST / QMNIST: idx files ----------------------------------------------------------------------------------

@@ -76,8 +76,9 @@ class RandomCropFlip:
         self.fill = torch.tensor(fill, dtype=torch.float32).view(-1, 1, 1)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        single = x.ndim == 3
-        xb = x.unsqueeze(0) if single else x
+        if x.ndim == 3:
+            return self._one(x, generator)
+        xb = x
         b, c, h, w = xb.shape
         p, (th, tw) = self.padding, self.size
         padded = self.fill.to(xb).expand(c, h + 2 * p, w + 2 * p).repeat(b, 1, 1, 1)
@@ -91,7 +92,21 @@ class RandomCropFlip:
             cols = torch.where(flipped.view(b, 1).to(cols.device), cols.flip(1), cols)
         out = padded[torch.arange(b, device=xb.device).view(b, 1, 1, 1), torch.arange(c, device=xb.device).view(1, c, 1, 1),
                      rows.view(b, 1, th, 1), cols.view(b, 1, 1, tw)]
-        return out[0] if single else out
+        return out
+
+    def _one(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One image by slicing (the per-item DataLoader path: a few small ops instead of a gather)."""
+        c, h, w = x.shape
+        p, (th, tw) = self.padding, self.size
+        padded = self.fill.to(x).expand(c, h + 2 * p, w + 2 * p).clone()
+        padded[:, p:p + h, p:p + w] = x
+        i, j = torch.randint(0, h + 2 * p - th + 1, (2,), generator=generator).tolist()
+        if w != h:
+            j = int(torch.randint(0, w + 2 * p - tw + 1, (1,), generator=generator))
+        out = padded[:, i:i + th, j:j + tw]
+        if self.flip and float(torch.rand(1, generator=generator)) < 0.5:
+            out = out.flip(-1)
+        return out
 
     def __repr__(self) -> str:
         return f"RandomCropFlip(size={self.size}, padding={self.padding}, flip={self.flip})"
