@@ -61,3 +61,23 @@ def test_items_carry_global_index_and_loaders_batch():
     b1 = next(iter(dm.loader("train", shuffle=True, seed=5)))[0]
     b2 = next(iter(dm.loader("train", shuffle=True, seed=5)))[0]
     assert torch.equal(b1, b2)
+
+
+def test_overlapping_splits_are_refused():
+    from datamatters.data.base import Split
+
+    dm = _dm()
+    dm.splits["holdout"] = Split("all", np.concatenate([dm.split_indices("holdout"), dm.split_indices("train")[:1]]))
+    with pytest.raises(RuntimeError, match="overlap"):
+        dm._check_disjoint()
+
+
+def test_pretrained_weights_keep_matching_tensors_and_refresh_the_head(tmp_path):
+    from datamatters.models.zoo import torchvision_model
+
+    src = torchvision_model((3, 32, 32), 1000, arch="resnet18")
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    dst = torchvision_model((3, 32, 32), 14, arch="resnet18", pretrained_path=str(tmp_path / "w.pth"))
+    assert torch.equal(dst.conv1.weight, src.conv1.weight) and dst.fc.weight.shape == (14, 512)
+    with pytest.raises(UserError, match="pretrained weights not found"):
+        torchvision_model((3, 32, 32), 14, arch="resnet18", pretrained_path=str(tmp_path / "missing.pth"))

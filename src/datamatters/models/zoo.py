@@ -114,9 +114,30 @@ def torchvision_model(input_shape, num_classes: int, arch: str = "resnet50", pre
         raise UserError(f"torchvision has no model {arch!r}")
     model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kw)
     if pretrained_path:
-        state = torch.load(pretrained_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=False)
+        load_pretrained(model, pretrained_path)
     return model
+
+
+def load_pretrained(model: nn.Module, path: str) -> None:
+    """Load a local weights file (e.g. ImageNet ResNet-50 for Clothing-1M). Tensors whose shape differs (the
+    classifier head when the class count changes) keep their fresh init; everything else must match exactly."""
+    from pathlib import Path
+
+    if not Path(path).is_file():
+        raise UserError(f"pretrained weights not found: {path}. Save them there (e.g. torch.save(torchvision.models."
+                        f"resnet50(weights='DEFAULT').state_dict(), '{path}') on a machine with internet) or set "
+                        f"model.pretrained_path=null for random init.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("state_dict", state)
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    fresh = [k for k in own if k not in kept]
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise UserError(f"{path} has weights this model does not: {unknown[:5]}; is it for another architecture?")
+    model.load_state_dict({**own, **kept})
+    if fresh:
+        print(f"pretrained weights loaded from {path}; freshly initialised: {fresh}")
 
 
 def hf_classifier(input_shape, num_classes: int, path: str | None = None, config: dict | None = None):
