@@ -1,0 +1,133 @@
+"""Where utility evaluations run: in-process, local worker processes (loky), or a dask.distributed cluster.
+
+pyDVL 0.10 sends the utility (model + data) with every task, which makes process parallelism slower than serial
+for cheap utilities. Here the payload (the utility without cache, or the bagging setup) goes to each worker
+**once** per fit: as the initializer argument of a private loky process pool, or with ``client.scatter(...,
+broadcast=True)`` on dask. Tasks carry only subset masks (a few bytes per subset) and return arrays, which the
+caller merges with vectorised updates. Results never depend on the number of workers: all randomness is keyed
+by (seed, batch id) or by the subset itself, never by worker order.
+
+Give ``dask_address`` (e.g. a ``dask-jobqueue`` SLURMCluster's scheduler address) to run on a cluster.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from datamatters.errors import UserError
+
+_WORKER_PAYLOADS: dict[str, Any] = {}
+
+
+def _init_worker(token: str, payload: Any) -> None:
+    _WORKER_PAYLOADS[token] = payload
+
+
+def _run_in_worker(token: str, fn: Callable, item: Any):
+    return fn(_WORKER_PAYLOADS[token], item)
+
+
+class SerialExecutor:
+    """Runs tasks in this process (the default, and the fastest for very cheap utilities)."""
+
+    n_workers = 1
+
+    def __init__(self):
+        self._payload = None
+
+    def bind(self, payload: Any) -> None:
+        self._payload = payload
+
+    def map(self, fn: Callable, items: Sequence) -> list:
+        return [fn(self._payload, it) for it in items]
+
+    def close(self) -> None:
+        self._payload = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LokyExecutor(SerialExecutor):
+    """``n_jobs`` local worker processes that receive the payload once, through the pool initializer."""
+
+    def __init__(self, n_jobs: int):
+        super().__init__()
+        self.n_workers = int(n_jobs)
+        self._pool = None
+        self._token = ""
+
+    def bind(self, payload):
+        from joblib.externals.loky import ProcessPoolExecutor
+
+        self.close()
+        self._token = uuid.uuid4().hex
+        self._pool = ProcessPoolExecutor(max_workers=self.n_workers, initializer=_init_worker,
+                                         initargs=(self._token, payload))
+
+    def map(self, fn, items):
+        if self._pool is None:
+            raise RuntimeError("bind a payload before mapping")
+        futures = [self._pool.submit(_run_in_worker, self._token, fn, it) for it in items]
+        return [f.result() for f in futures]
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+class DaskExecutor(SerialExecutor):
+    """Tasks on a dask.distributed cluster; the payload is scattered to every worker once."""
+
+    def __init__(self, address: Any):
+        super().__init__()
+        from distributed import Client
+
+        try:
+            self._client = address if isinstance(address, Client) else Client(address, set_as_default=False)
+        except OSError as exc:
+            raise UserError(f"cannot reach the dask scheduler at {address!r}: {exc}") from exc
+        self._own = not isinstance(address, Client)
+        self.n_workers = max(1, sum(int(w.get("nthreads", 1)) for w in
+                                    self._client.scheduler_info().get("workers", {}).values()))
+        self._future = None
+
+    def bind(self, payload):
+        self._future = self._client.scatter(payload, broadcast=True, hash=False)
+
+    def map(self, fn, items):
+        if self._future is None:
+            raise RuntimeError("bind a payload before mapping")
+        futures = [self._client.submit(fn, self._future, it, pure=False) for it in items]
+        return self._client.gather(futures)
+
+    def close(self):
+        self._future = None
+        if self._own and self._client is not None:
+            self._client.close()
+            self._client = None
+
+
+def make_executor(n_jobs: int | None = 1, dask_address: Any = None) -> SerialExecutor:
+    """Dask when an address (or Client) is given, else loky processes for ``n_jobs > 1`` (-1: all cores)."""
+    if dask_address:
+        return DaskExecutor(dask_address)
+    n = int(n_jobs or 1)
+    if n < 0:
+        n = os.cpu_count() or 1
+    if n == 0:
+        raise UserError("n_jobs must be a positive number of workers (or -1 for all cores)")
+    return SerialExecutor() if n == 1 else LokyExecutor(n)
+
+
+def split(items: np.ndarray, n_chunks: int) -> list[np.ndarray]:
+    """Split the first axis into at most ``n_chunks`` contiguous non-empty chunks."""
+    n_chunks = max(1, min(int(n_chunks), len(items)))
+    return [c for c in np.array_split(items, n_chunks) if len(c)]

@@ -1,0 +1,233 @@
+"""The semivalue engine: any coefficient with any sampler, one batch of utilities at a time.
+
+Per batch the sampler's subsets become one ``utility.evaluate`` call (so a batch of subset models trains at once
+or spreads over the workers), marginals are importance-weighted with ``w(n, k) / p(S | i)`` (or left unweighted
+when ``coefficient`` is None, i.e. the sampler's distribution *is* the semivalue, as in TMC and MSR-Banzhaf), and
+the result absorbs the whole batch in one vectorised merge. Stopping is checked after every batch.
+
+Three evaluation strategies follow the sampler's kind:
+
+* ``marginal``: (i, S) pairs, u(S + i) - u(S);
+* ``permutation``: prefix utilities of many permutations at once, in blocks, with truncation;
+* ``msr``: one u(S) updates every index, in an "in" and an "out" running mean (O(B n) per batch of B sets;
+  pyDVL rebuilt an n-sized result for every single update, O(n^2) per set).
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from datamatters.errors import UserError
+from datamatters.valuation.base import Valuation
+from datamatters.valuation.coefficients import Coefficient
+from datamatters.valuation.dataset import Dataset
+from datamatters.valuation.result import ValuationResult, chan_merge, merge_samples
+from datamatters.valuation.samplers.base import Sampler
+from datamatters.valuation.stopping import StoppingCriterion, check_terminates
+from datamatters.valuation.utility import Utility
+
+MSR_KEYS = ("in_mean", "in_var", "in_count", "out_mean", "out_var", "out_count")
+
+
+def importance_weights(coefficient: Coefficient | None, sampler: Sampler, n: int, k: np.ndarray) -> np.ndarray:
+    if coefficient is None:
+        return np.ones(np.shape(k))
+    return np.exp(coefficient.log(n, k) - sampler.log_weight(n, k))
+
+
+def prefix_utilities(perms: np.ndarray, utility: Utility, truncation, total: float | None,
+                     block: int | None = None) -> np.ndarray:
+    """u of every prefix of every permutation, (B, n), with pyDVL's truncation semantics (after a truncation
+    the prefix utility stays constant). Positions that cannot truncate are evaluated in one block; afterwards
+    each step evaluates ``block`` positions of every running permutation (auto: fill the preferred batch)."""
+    B, n = perms.shape
+    ranks = np.empty_like(perms)
+    ranks[np.arange(B)[:, None], perms] = np.arange(n)[None, :]
+    U = np.empty((B, n))
+    running = np.ones(B, bool)
+    first = min(n, truncation.first_possible(n))
+    pos = 0
+    while pos < n and running.any():
+        rows = np.flatnonzero(running)
+        step = block or max(1, math.ceil(utility.preferred_batch / len(rows)))
+        end = first if pos < first else min(n, pos + step)
+        masks = ranks[rows][:, None, :] <= np.arange(pos, end)[None, :, None]
+        U[rows, pos:end] = utility.evaluate(masks.reshape(-1, n)).reshape(len(rows), end - pos)
+        live = np.ones(len(rows), bool)
+        for j in range(pos, end):
+            fire = live & truncation.check(j + 1, U[rows, j], n, total)
+            if fire.any():
+                r = rows[fire]
+                U[r, j + 1:] = U[r, j][:, None]
+                live &= ~fire
+        running[rows[~live]] = False
+        pos = end
+    return U
+
+
+class SemivalueValuation(Valuation):
+    """Estimate a semivalue with ``sampler`` until ``is_done``. ``coefficient`` None means no importance
+    correction (the sampler's own distribution defines the value)."""
+
+    algorithm_name = "semivalue"
+
+    def __init__(self, utility: Utility, sampler: Sampler, is_done: StoppingCriterion,
+                 coefficient: Coefficient | None, skip_converged: bool = False, progress: bool = False):
+        super().__init__()
+        if not isinstance(utility, Utility):
+            raise UserError(f"utility must be a datamatters.valuation Utility, got {type(utility).__name__}")
+        if skip_converged and not sampler.supports_skip:
+            raise UserError(f"{sampler} cannot skip converged indices; use an infinite powerset sampler "
+                            "(uniform, antithetic, stratified, Owen with finite=False) or skip_converged=False")
+        self.utility, self.sampler, self.is_done = utility, sampler, is_done
+        self.coefficient, self.skip_converged, self.progress = coefficient, bool(skip_converged), bool(progress)
+        self._total: float | None = None
+
+    def __str__(self) -> str:
+        return self.algorithm_name
+
+    # ---- the loop ---------------------------------------------------------------------------------------------
+    def fit(self, data: Dataset, continue_from: ValuationResult | None = None) -> "SemivalueValuation":
+        result = self._init_result(data, continue_from)
+        check_terminates(self.is_done, self.sampler.finite)
+        self.utility = self.utility.with_dataset(data)
+        n = len(data)
+        batch_id = self._restore_sampler(result)
+        self.is_done.reset()
+        self._total = None
+        started, evals0 = time.perf_counter(), self.utility.n_evaluations
+        active = None
+        with self.utility.session(), _progress(self.progress, str(self)) as bar:
+            self._prepare(result, n)
+            size = self.sampler.batch_size or self._auto_batch_size(n)
+            while True:
+                batch = self.sampler.batch(n, batch_id, size, active)
+                if batch is None:
+                    result.status = "converged"
+                    break
+                self._process(batch, result, n)
+                batch_id += 1
+                bar.update(1)
+                if self.is_done(result):
+                    break
+                if self.skip_converged:
+                    active = ~self.is_done.converged
+        self._finish(result)
+        result.meta.update(self._meta(batch_id, started, evals0, result.meta))
+        self._result = result
+        return self
+
+    def _restore_sampler(self, result: ValuationResult) -> int:
+        state = result.meta.get("sampler") if result.meta.get("seed") == self.sampler.seed else None
+        if state and state.get("name") == str(self.sampler):
+            self.sampler.set_state(state.get("state", {}))
+            return int(state.get("next_batch", 0))
+        self.sampler.reset()
+        return 0
+
+    def _meta(self, batch_id: int, started: float, evals0: int, previous: dict) -> dict:
+        return {
+            "seed": self.sampler.seed,
+            "sampler": {"name": str(self.sampler), "next_batch": batch_id, "state": self.sampler.state()},
+            "utility_evaluations": int(previous.get("utility_evaluations", 0)) + self.utility.n_evaluations - evals0,
+            "fit_seconds": float(previous.get("fit_seconds", 0.0)) + time.perf_counter() - started,
+            "stopping": str(self.is_done),
+        }
+
+    def _auto_batch_size(self, n: int) -> int:
+        if self.sampler.kind == "permutation":
+            return max(1, self.utility.preferred_batch // max(n, 1))
+        return max(8, self.utility.preferred_batch)
+
+    def _prepare(self, result: ValuationResult, n: int) -> None:
+        if self.sampler.kind == "msr":
+            for k in MSR_KEYS:
+                if k not in result.extra:
+                    result.extra[k] = np.zeros(n, np.int64 if k.endswith("count") else float)
+        trunc = getattr(self.sampler, "truncation", None)
+        if trunc is not None and trunc.needs_total:
+            self._total = self.utility.require_fittable()
+
+    def _process(self, batch, result: ValuationResult, n: int) -> None:
+        kind = self.sampler.kind
+        if kind == "marginal":
+            self._process_marginals(batch.idx, batch.masks, result, n)
+        elif kind == "permutation":
+            self._process_permutations(batch.perms, result, n)
+        elif kind == "msr":
+            self._process_msr(batch.masks, result, n)
+        else:
+            raise UserError(f"{self.sampler} does not sample marginals; it cannot estimate a semivalue")
+
+    def _finish(self, result: ValuationResult) -> None:
+        pass
+
+    # ---- strategies -------------------------------------------------------------------------------------------
+    def _process_marginals(self, idx, masks, result, n):
+        B = len(idx)
+        with_i = masks.copy()
+        with_i[np.arange(B), idx] = True
+        u = self.utility.evaluate(np.concatenate([with_i, masks]))
+        k = masks.sum(1)
+        result.update(idx, (u[:B] - u[B:]) * importance_weights(self.coefficient, self.sampler, n, k))
+
+    def _process_permutations(self, perms, result, n):
+        trunc = self.sampler.truncation
+        U = prefix_utilities(perms, self.utility, trunc, self._total, self.sampler.prefix_block)
+        prev = np.concatenate([np.full((len(perms), 1), self.utility.default), U[:, :-1]], axis=1)
+        w = importance_weights(self.coefficient, self.sampler, n, np.arange(n))
+        result.update(perms.ravel(), ((U - prev) * w[None, :]).ravel())
+
+    def _process_msr(self, masks, result, n):
+        u = self.utility.evaluate(masks)
+        k = masks.sum(1)
+        w_in = importance_weights(self.coefficient, self.sampler, n, np.maximum(k - 1, 0))
+        w_out = importance_weights(self.coefficient, self.sampler, n, k)
+        e = result.extra
+        r, c = np.nonzero(masks)
+        e["in_mean"], e["in_var"], e["in_count"] = merge_samples(e["in_mean"], e["in_var"], e["in_count"],
+                                                                 c, (u * w_in)[r])
+        r, c = np.nonzero(~masks)
+        e["out_mean"], e["out_var"], e["out_count"] = merge_samples(e["out_mean"], e["out_var"], e["out_count"],
+                                                                    c, (u * w_out)[r])
+        combine_msr(result)
+
+
+def combine_msr(result: ValuationResult) -> None:
+    """values = in-mean - out-mean; counts = min of the two counts; variances chosen so that stderr is the
+    standard error of the difference (pyDVL's conventions); NaN/inf until both means have a sample."""
+    e = result.extra
+    counts = np.minimum(e["in_count"], e["out_count"])
+    se2 = e["in_var"] / np.maximum(e["in_count"], 1) + e["out_var"] / np.maximum(e["out_count"], 1)
+    result.values = np.where(counts > 0, e["in_mean"] - e["out_mean"], np.nan)
+    result.variances = np.where(counts > 0, se2 * counts, np.inf)
+    result.counts = counts.astype(np.int64)
+
+
+class _NullBar:
+    def update(self, k):
+        pass
+
+
+class _progress:
+    """tqdm over batches when asked, a no-op otherwise."""
+
+    def __init__(self, enabled: bool, desc: str):
+        self.enabled, self.desc, self.bar = enabled, desc, None
+
+    def __enter__(self):
+        if not self.enabled:
+            return _NullBar()
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(desc=self.desc, unit="batch")
+        return self.bar
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+__all__ = ["SemivalueValuation", "chan_merge", "combine_msr", "importance_weights", "prefix_utilities"]

@@ -1,0 +1,280 @@
+"""Utilities u(S): the score of a model trained on the players in S, evaluated for whole batches of subsets.
+
+``Utility.evaluate(masks (B, n))`` returns (B,) scores (or (B, C) for class-wise scorers). Per batch it answers
+empty subsets with ``default`` (the scorer's), removes duplicate subsets, looks the rest up in the optional
+cache (keyed by the set, so order never matters), and computes what is left in chunks, in this process or on
+the workers of the active ``session`` (see ``parallel``). Subclasses implement ``_compute(masks)`` for
+non-empty, distinct subsets and return ``(scores, status)`` with status 0 = ok, 1 = fit failed, 2 = NaN score.
+
+A failed fit or a NaN score gives ``default`` with a warning (pyDVL's behaviour) when ``catch_errors``;
+otherwise a ``UserError`` names the subset size and the error.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import numpy as np
+
+from datamatters.errors import UserError
+from datamatters.valuation.dataset import Dataset
+from datamatters.valuation.parallel import make_executor, split
+from datamatters.valuation.scorers import Scorer
+
+OK, FIT_FAILED, NAN_SCORE = 0, 1, 2
+
+
+class UtilityCache:
+    """In-memory map from a subset (packed bit mask) to its score; order-independent by construction."""
+
+    def __init__(self):
+        self._store: dict[bytes, np.ndarray] = {}
+        self.hits = self.misses = 0
+
+    def get(self, key: bytes):
+        v = self._store.get(key)
+        if v is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return v
+
+    def put(self, key: bytes, value) -> None:
+        self._store[key] = value
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def clear(self) -> None:
+        self._store.clear()
+        self.hits = self.misses = 0
+
+
+def subset_keys(masks: np.ndarray) -> list[bytes]:
+    packed = np.packbits(np.asarray(masks, bool), axis=1)
+    return [row.tobytes() for row in packed]
+
+
+def subset_ids(masks: np.ndarray) -> np.ndarray:
+    """A 62-bit id per subset (hash of its members): seeds a torch model's init/order by the set itself, so a
+    subset always trains the same model whatever batch or worker it lands in."""
+    return np.array([int.from_bytes(hashlib.blake2b(k, digest_size=8).digest(), "little") >> 2
+                     for k in subset_keys(masks)], dtype=np.int64)
+
+
+def _compute_chunk(utility: "Utility", masks: np.ndarray):
+    return utility._compute(masks)
+
+
+class Utility:
+    """Base class. ``with_dataset(data)`` returns a copy bound to the players being valued."""
+
+    def __init__(self, scorer: Scorer | None = None, *, default: float | None = None, catch_errors: bool = True,
+                 cache: bool | UtilityCache = False, n_jobs: int = 1, dask_address: Any = None,
+                 show_warnings: bool = True):
+        self.scorer = scorer
+        self._default = default
+        self.catch_errors, self.show_warnings = bool(catch_errors), bool(show_warnings)
+        self.cache = cache if isinstance(cache, UtilityCache) else (UtilityCache() if cache else None)
+        self.n_jobs, self.dask_address = n_jobs, dask_address
+        self.data: Dataset | None = None
+        self._executor = None
+        self._depth = 0
+        self.n_evaluations = self.n_failed = self.n_nan = 0
+
+    # ---- binding ----------------------------------------------------------------------------------------------
+    @property
+    def default(self) -> float:
+        if self._default is not None:
+            return float(self._default)
+        return float(self.scorer.default) if self.scorer is not None else 0.0
+
+    @property
+    def n_outputs(self) -> int | None:
+        return getattr(self.scorer, "n_outputs", None)
+
+    def with_dataset(self, data: Dataset) -> "Utility":
+        if not isinstance(data, Dataset):
+            raise UserError(f"value a datamatters.valuation.Dataset, got {type(data).__name__}")
+        u = copy.copy(self)
+        u.data = data
+        u._executor, u._depth = None, 0
+        if self.cache is not None and self.data is not data:
+            u.cache = UtilityCache()
+        u._bind(data)
+        return u
+
+    def _bind(self, data: Dataset) -> None:
+        """Subclass hook: precompute what depends on the training data."""
+
+    @property
+    def preferred_batch(self) -> int:
+        """How many subsets one evaluate() call should carry to keep the workers busy."""
+        return max(1, self._executor.n_workers if self._executor is not None else 1)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["cache"], state["_executor"] = None, None
+        return state
+
+    # ---- execution --------------------------------------------------------------------------------------------
+    @contextmanager
+    def session(self) -> Iterator["Utility"]:
+        """Start the workers (once per fit) and send them this utility; nested sessions reuse them."""
+        if self._depth == 0:
+            ex = make_executor(self.n_jobs, self.dask_address)
+            if ex.n_workers > 1 or self.dask_address:
+                ex.bind(self)
+                self._executor = ex
+            else:
+                ex.close()
+        self._depth += 1
+        try:
+            yield self
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._executor is not None:
+                self._executor.close()
+                self._executor = None
+
+    def __call__(self, subset) -> float:
+        """u(S) for one subset, given as player positions or a boolean mask."""
+        self._require_data()
+        s = np.asarray(subset)
+        mask = s.astype(bool) if s.dtype == bool else np.isin(np.arange(len(self.data)), s)
+        return float(np.asarray(self.evaluate(mask[None, :]))[0]) if self.n_outputs is None else \
+            self.evaluate(mask[None, :])[0]
+
+    def evaluate(self, masks: np.ndarray) -> np.ndarray:
+        self._require_data()
+        masks = np.asarray(masks, dtype=bool)
+        if masks.ndim != 2 or masks.shape[1] != len(self.data):
+            raise UserError(f"subset masks must have shape (B, {len(self.data)}), got {masks.shape}")
+        shape = (len(masks),) if self.n_outputs is None else (len(masks), self.n_outputs)
+        out = np.full(shape, self.default, dtype=float)
+        nonempty = np.flatnonzero(masks.any(1))
+        if len(nonempty) == 0:
+            return out
+        keys = subset_keys(masks[nonempty])
+        first: dict[bytes, int] = {}
+        for j, k in enumerate(keys):
+            first.setdefault(k, j)
+        todo: list[int] = []
+        found: dict[bytes, Any] = {}
+        for k, j in first.items():
+            hit = self.cache.get(k) if self.cache is not None else None
+            if hit is None:
+                todo.append(j)
+            else:
+                found[k] = hit
+        if todo:
+            for k, v in zip((keys[j] for j in todo), self._compute_many(masks[nonempty[todo]])):
+                found[k] = v
+                if self.cache is not None:
+                    self.cache.put(k, v)
+        out[nonempty] = np.asarray([found[k] for k in keys], dtype=float).reshape((len(nonempty),) + shape[1:])
+        return out
+
+    def _compute_many(self, masks: np.ndarray) -> np.ndarray:
+        if self._executor is None:
+            parts = [self._compute(masks)]
+        else:
+            parts = self._executor.map(_compute_chunk, split(masks, 2 * self._executor.n_workers))
+        scores = np.concatenate([np.asarray(p[0], float) for p in parts])
+        status = np.concatenate([np.asarray(p[1]) for p in parts])
+        self.n_evaluations += len(masks)
+        bad = status != OK
+        if bad.any():
+            n_fail, n_nan = int((status == FIT_FAILED).sum()), int((status == NAN_SCORE).sum())
+            self.n_failed += n_fail
+            self.n_nan += n_nan
+            if self.show_warnings:
+                warnings.warn(f"{n_fail} fits failed and {n_nan} scores were NaN in a batch of {len(masks)} "
+                              f"subsets; they were scored {self.default} (the scorer's default)", RuntimeWarning,
+                              stacklevel=3)
+            scores[bad] = self.default
+        return scores
+
+    def _compute(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _require_data(self) -> None:
+        if self.data is None:
+            raise UserError("bind the utility to data first: utility = utility.with_dataset(train)")
+
+    def require_fittable(self) -> float:
+        """u(N), refusing a utility that cannot be fitted or scored on the full training set."""
+        self._require_data()
+        before = self.n_failed + self.n_nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            full = self.evaluate(np.ones((1, len(self.data)), bool))[0]
+        if self.n_failed + self.n_nan > before:
+            raise UserError(f"{self} cannot be fitted and scored on the full training set "
+                            f"({len(self.data)} points): check the model, the data and the scorer")
+        return full
+
+    def _handle(self, exc: Exception, size: int) -> int:
+        if not self.catch_errors:
+            raise UserError(f"fitting {self} on a subset of {size} points failed: {exc!r}. Pass catch_errors=True "
+                            f"to score such subsets with the default {self.default}") from exc
+        return FIT_FAILED
+
+    def __str__(self) -> str:
+        return type(self).__name__
+
+
+class ModelUtility(Utility):
+    """u(S) = scorer(model fitted on S) for an sklearn-style model (``fit``/``predict``), cloned before each fit."""
+
+    def __init__(self, model, scorer: Scorer, *, clone_before_fit: bool = True, blas_threads: int | None = 1,
+                 **kw):
+        """``blas_threads``: BLAS/OpenMP threads per fit while computing (1 by default: many small fits run
+        fastest single-threaded, and workers must not oversubscribe the cores; None leaves them alone)."""
+        super().__init__(scorer, **kw)
+        if not hasattr(model, "fit"):
+            raise UserError(f"{type(model).__name__} has no fit(); use an sklearn-style estimator or TorchUtility")
+        self.model, self.clone_before_fit, self.blas_threads = model, bool(clone_before_fit), blas_threads
+
+    def _fresh_model(self):
+        if not self.clone_before_fit:
+            return self.model
+        from sklearn.base import clone
+
+        try:
+            return clone(self.model)
+        except TypeError:
+            return clone(self.model, safe=False)
+
+    def _compute(self, masks):
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(self.blas_threads):
+            return self._fit_and_score(masks)
+
+    def _fit_and_score(self, masks):
+        x, y = self.data.x, self.data.y
+        rows = self.data.row_masks(masks)
+        scores = np.zeros((len(masks),) + (() if self.n_outputs is None else (self.n_outputs,)))
+        status = np.zeros(len(masks), np.int8)
+        for j, r in enumerate(rows):
+            try:
+                model = self._fresh_model()
+                model.fit(x[r], y[r])
+                s = np.asarray(self.scorer(model), float)
+            except Exception as exc:  # noqa: BLE001 - any fit/score error is the subset's, see catch_errors
+                status[j] = self._handle(exc, int(r.sum()))
+                continue
+            if np.any(np.isnan(s)):
+                if not self.catch_errors:
+                    raise UserError(f"scorer {self.scorer.name} returned NaN for a subset of {int(r.sum())} points")
+                status[j] = NAN_SCORE
+            else:
+                scores[j] = s
+        return scores, status
+
+    def __str__(self):
+        return f"ModelUtility({type(self.model).__name__})"
