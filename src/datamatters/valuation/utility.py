@@ -191,10 +191,9 @@ class Utility:
             n_fail, n_nan = int((status == FIT_FAILED).sum()), int((status == NAN_SCORE).sum())
             self.n_failed += n_fail
             self.n_nan += n_nan
-            if self.show_warnings:
-                warnings.warn(f"{n_fail} fits failed and {n_nan} scores were NaN in a batch of {len(masks)} "
-                              f"subsets; they were scored {self.default} (the scorer's default)", RuntimeWarning,
-                              stacklevel=3)
+            if self.show_warnings:  # one fixed text, so Python shows it once per call site, not once per batch
+                warnings.warn(f"some fits failed or scored NaN; such subsets get the default {self.default} "
+                              "(counts in utility.n_failed / utility.n_nan)", RuntimeWarning, stacklevel=3)
             scores[bad] = self.default
         return scores
 
@@ -252,7 +251,9 @@ class ModelUtility(Utility):
     def _compute(self, masks):
         from threadpoolctl import threadpool_limits
 
-        with threadpool_limits(self.blas_threads):
+        with threadpool_limits(self.blas_threads), warnings.catch_warnings():
+            if not self.show_warnings:  # the model's own warnings on tiny subsets (pyDVL's show_warnings)
+                warnings.simplefilter("ignore")
             return self._fit_and_score(masks)
 
     def _fit_and_score(self, masks):

@@ -1,0 +1,58 @@
+"""Same seed, same values, whatever the number of workers: in-process, loky processes and dask."""
+import numpy as np
+import pytest
+from sklearn.naive_bayes import GaussianNB
+from sklearn.tree import DecisionTreeClassifier
+
+from datamatters.valuation import (
+    Dataset,
+    MaxChecks,
+    ModelUtility,
+    MSRBanzhafValuation,
+    SupervisedScorer,
+    TMCShapleyValuation,
+)
+from datamatters.valuation.data_oob import DataOOBValuation
+
+
+def problem(n=24, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(scale=2, size=(3, 4))
+    y, yt = rng.integers(0, 3, n), rng.integers(0, 3, 30)
+    return (Dataset(centers[y] + rng.normal(size=(n, 4)), y),
+            Dataset(centers[yt] + rng.normal(size=(30, 4)), yt))
+
+
+def tmc(n_jobs=1, dask_address=None):
+    train, test = problem()
+    u = ModelUtility(GaussianNB(), SupervisedScorer("accuracy", test), n_jobs=n_jobs, dask_address=dask_address,
+                     show_warnings=False)
+    return TMCShapleyValuation(u, is_done=MaxChecks(3), seed=11, batch_size=3).fit(train).result
+
+
+def msr(n_jobs=1, dask_address=None):
+    train, test = problem()
+    u = ModelUtility(GaussianNB(), SupervisedScorer("accuracy", test), n_jobs=n_jobs, dask_address=dask_address,
+                     show_warnings=False)
+    return MSRBanzhafValuation(u, MaxChecks(4), batch_size=16, seed=5).fit(train).result
+
+
+def oob(n_jobs=1, dask_address=None):
+    train, _ = problem()
+    return DataOOBValuation(DecisionTreeClassifier(random_state=0), n_estimators=12, seed=2, n_jobs=n_jobs,
+                            dask_address=dask_address).fit(train).result
+
+
+def test_loky_workers_give_identical_values():
+    serial = tmc()
+    par = tmc(n_jobs=2)
+    np.testing.assert_array_equal(serial.values, par.values)
+    np.testing.assert_array_equal(serial.counts, par.counts)
+
+
+def test_dask_cluster_gives_identical_values():
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as c:
+        address = c.scheduler_address
+        for run in (tmc, msr, oob):
+            np.testing.assert_array_equal(run().values, run(dask_address=address).values)
