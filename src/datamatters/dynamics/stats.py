@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -70,11 +70,17 @@ def distribution_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 @dataclass
 class Tracked:
-    """One tracked tensor: ``kind`` is matrix (2-D), heads (stack of per-head matrices), kernel (conv) or bias."""
+    """One tracked tensor: ``kind`` is matrix (2-D), heads (stack of per-head matrices), kernel (conv) or bias.
+    ``view`` maps the parameter named ``param`` to the tensor the statistics see (e.g. one of Q/K/V, split by head)."""
 
     name: str
     kind: str
-    get: object  # callable returning the current tensor view (parameters change in place, views stay valid)
+    param: str
+    tensor: torch.Tensor
+    view: Callable[[torch.Tensor], torch.Tensor] = staticmethod(lambda w: w)
+
+    def get(self, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        return self.view(self.tensor if params is None else params[self.param])
 
 
 def _matches(name: str, patterns: Sequence[str]) -> bool:
@@ -86,15 +92,15 @@ def _mha_entries(prefix: str, m: nn.MultiheadAttention) -> list[Tracked]:
     out: list[Tracked] = []
     if m.in_proj_weight is not None:
         for i, part in enumerate("qkv"):
-            out.append(Tracked(f"{prefix}in_proj_weight.{part}", "heads",
-                               lambda w=m.in_proj_weight, i=i: w[i * E:(i + 1) * E].reshape(h, E // h, E)))
+            out.append(Tracked(f"{prefix}in_proj_weight.{part}", "heads", f"{prefix}in_proj_weight", m.in_proj_weight,
+                               lambda w, i=i: w[i * E:(i + 1) * E].reshape(h, E // h, E)))
     else:
         for part in "qkv":
             w = getattr(m, f"{part}_proj_weight")
-            out.append(Tracked(f"{prefix}{part}_proj_weight", "heads",
-                               lambda w=w: w.reshape(h, E // h, w.shape[-1])))
+            out.append(Tracked(f"{prefix}{part}_proj_weight", "heads", f"{prefix}{part}_proj_weight", w,
+                               lambda w: w.reshape(h, E // h, w.shape[-1])))
     if m.in_proj_bias is not None:
-        out.append(Tracked(f"{prefix}in_proj_bias", "bias", lambda b=m.in_proj_bias: b))
+        out.append(Tracked(f"{prefix}in_proj_bias", "bias", f"{prefix}in_proj_bias", m.in_proj_bias))
     return out
 
 
@@ -111,13 +117,12 @@ def tracked_tensors(model: nn.Module, include: Sequence[str] | None = None,
         prefix = f"{mod_name}." if mod_name else ""
         handled: set[str] = set()
         if isinstance(module, nn.MultiheadAttention):
-            found += [t for t in _mha_entries(prefix, module)]
+            found += _mha_entries(prefix, module)
             handled = {"in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"}
         is_conv = isinstance(module, nn.modules.conv._ConvNd)
         for pname, p in module.named_parameters(recurse=False):
-            if pname in handled:
-                continue
-            found.append(Tracked(prefix + pname, _kind(pname, p, is_conv), lambda p=p: p))
+            if pname not in handled:
+                found.append(Tracked(prefix + pname, _kind(pname, p, is_conv), prefix + pname, p))
     return [t for t in found if t.kind and _matches(t.name, include) and not _matches(t.name, exclude)]
 
 
@@ -143,12 +148,14 @@ class StatsComputer:
                             f"model parameters are {[n for n, _ in model.named_parameters()][:20]}")
 
     @torch.no_grad()
-    def __call__(self) -> dict[str, float]:
+    def __call__(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
+        """Statistics of the model's current weights, or of ``params`` (name -> tensor, e.g. one member of a stacked
+        ensemble) laid out like the model."""
         per_stat: dict[str, list[torch.Tensor]] = {k: [] for k in MATRIX_STATS}
         layer: dict[str, torch.Tensor] = {}
         weights, biases = [], []
         for t in self.tracked:
-            x = t.get()
+            x = t.get(params)
             if t.kind == "bias":
                 biases.append(x.detach().reshape(-1))
                 continue
@@ -164,7 +171,7 @@ class StatsComputer:
             out[k] = v.nanmean() if k == "var_singular_value" else v.mean()
         for tag, xs in (("w", weights), ("b", biases)):
             mean, var, med = distribution_stats(torch.cat(xs) if xs else torch.zeros(0))
-            out.update({f"mean_{tag}": mean, f"var_{tag}": var, f"median_{tag}": med})
+            out.update({f"mean_{tag}": mean, f"median_{tag}": med, f"var_{tag}": var})
         out.update(layer)
         keys = list(out)
         values = torch.stack([out[k].reshape(()).double() for k in keys]).cpu().tolist()

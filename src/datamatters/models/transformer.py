@@ -30,14 +30,15 @@ class Attention(nn.Module):
         self.register_buffer("mask", torch.tril(torch.ones(n_ctx, n_ctx, dtype=torch.bool)), persistent=False)
         self.d_head = d_head
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        k = torch.einsum("ihd,bpd->biph", self.W_K, x)
-        q = torch.einsum("ihd,bpd->biph", self.W_Q, x)
-        v = torch.einsum("ihd,bpd->biph", self.W_V, x)
-        scores = torch.einsum("biph,biqh->biqp", k, q) / math.sqrt(self.d_head)
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """``last_only``: queries of the last position only (all that a final layer's logits depend on)."""
         n = x.shape[-2]
-        scores = scores.masked_fill(~self.mask[:n, :n], float("-inf"))
-        z = torch.einsum("biph,biqp->bqih", v, scores.softmax(-1))
+        k = torch.einsum("ihd,bpd->biph", self.W_K, x)
+        v = torch.einsum("ihd,bpd->biph", self.W_V, x)
+        q = torch.einsum("ihd,bpd->biph", self.W_Q, x[:, -1:] if last_only else x)
+        scores = torch.einsum("biph,biqh->biqp", k, q) / math.sqrt(self.d_head)
+        mask = self.mask[n - 1:n, :n] if last_only else self.mask[:n, :n]
+        z = torch.einsum("biph,biqp->bqih", v, scores.masked_fill(~mask, float("-inf")).softmax(-1))
         return z.flatten(-2) @ self.W_O.T
 
 
@@ -64,8 +65,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
         self.ln2 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
 
-    def forward(self, x):
-        x = self.ln1(x + self.attn(x))
+    def forward(self, x, last_only: bool = False):
+        x = self.ln1((x[:, -1:] if last_only else x) + self.attn(x, last_only))
         return self.ln2(x + self.mlp(x))
 
 
@@ -89,8 +90,9 @@ class Transformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed[x.long()] + self.pos_embed[: x.shape[-1]]
-        for block in self.blocks:
-            h = block(h)
+        for i, block in enumerate(self.blocks):
+            # the last block only feeds the logits at the last position: skip the other positions' queries and MLP
+            h = block(h, last_only=i == len(self.blocks) - 1)
         return h[:, -1] @ self.unembed
 
 
