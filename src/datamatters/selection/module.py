@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from datamatters.errors import UserError
 from datamatters.selection.il_store import ILTable
 from datamatters.selection.rules import NEEDS_IL, NEEDS_MC, get_rule, n_select, percentiles, temperature_at
 from datamatters.selection.scoring import score_batch
@@ -131,17 +132,50 @@ class SelectiveModule(ClassifierModule):
             out[i, : len(s)] = s
         return out
 
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["selection_state"] = {
+    # Under DDP each rank scores and selects within its own big batch of n_B points (its shard of the data), so one
+    # optimiser step sees world_size * n_b selected points out of world_size * n_B scored. The bookkeeping below is
+    # therefore per rank: checkpoints keep every rank's state, and at the end of fit the totals are summed and the
+    # per-step selections concatenated across ranks, so rank 0 reports the whole run.
+    def _selection_state(self) -> dict:
+        return {
             "selected": torch.from_numpy(self.selected_indices()),
             "totals": {k: float(v) for k, v in self.totals.items()},
             "generator": self.generator.get_state(),
         }
 
+    def _world_size(self) -> int:
+        return int(self.trainer.world_size) if self._trainer is not None else 1
+
+    def _gather(self, obj) -> list:
+        out = [None] * self._world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = self._selection_state()
+        if self._world_size() > 1:  # every rank runs this hook when a checkpoint is written
+            state = {"per_rank": self._gather(state)}
+        checkpoint["selection_state"] = state
+
+    def on_train_end(self) -> None:
+        if self._world_size() <= 1:
+            return
+        states = self._gather({"selected": self.selected, "totals": dict(self.totals)})
+        times = ("score_s", "step_s")
+        self.totals = {k: (sum(s["totals"][k] for s in states) / (len(states) if k in times else 1))
+                       for k in self.totals}
+        self.selected = [np.concatenate(rows) for rows in zip(*(s["selected"] for s in states))]
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         st = checkpoint.get("selection_state")
         if not st:
             return
+        if "per_rank" in st:
+            ranks = st["per_rank"]
+            if len(ranks) != self._world_size():
+                raise UserError(f"this checkpoint was written by {len(ranks)} DDP processes; resume it with the same "
+                                f"number of devices (trainer.devices x trainer.num_nodes = {len(ranks)})")
+            st = ranks[self.global_rank]
         sel = st["selected"].numpy()
         self.selected = [row[row >= 0] for row in sel]
         self.totals.update({k: (int(v) if k not in ("score_s", "step_s") else v) for k, v in st["totals"].items()})

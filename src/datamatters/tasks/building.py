@@ -68,6 +68,15 @@ warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
 
 
+def slurm_plugins() -> list:
+    """Under SLURM, submitit (the Hydra launcher) owns the preemption/time-limit signal: it requeues the array task
+    and re-runs the job, which resumes from ``last.ckpt``. Lightning keeps reading ranks from SLURM but its own
+    auto-requeue (a second SIGUSR1 handler and ``scontrol requeue``) is switched off so the two never both act."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
+
+
 def build_trainer(cfg: DictConfig, ctx: RunContext, *, ckpt_dir: Path, loggers: list | None = None,
                   monitor: bool = True, **overrides: Any):
     import lightning as L
@@ -75,6 +84,7 @@ def build_trainer(cfg: DictConfig, ctx: RunContext, *, ckpt_dir: Path, loggers: 
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     kw.pop("_target_", None)
     kw.update(overrides)
+    kw["plugins"] = [*(kw.get("plugins") or []), *slurm_plugins()]
     logger = kw.pop("logger", loggers if loggers is not None else ctx.loggers)
     if kw.get("max_epochs") is not None and kw["max_epochs"] < 1:
         raise UserError(f"trainer.max_epochs must be >= 1, got {kw['max_epochs']}")

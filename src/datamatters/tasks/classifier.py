@@ -21,6 +21,8 @@ def run(cfg: DictConfig) -> dict:
         trainer = build_trainer(cfg, ctx, ckpt_dir=ckpt_dir)
         trainer.fit(module, datamodule=dm, ckpt_path=last_checkpoint(ckpt_dir))
         test = trainer.test(module, datamodule=dm, verbose=False)[0] if len(dm.split_indices("test")) else {}
+        if not trainer.is_global_zero:  # DDP: only rank 0 writes results
+            return {}
         artifacts = {"checkpoint_dir": ckpt_dir}
         curve = plot_learning_curves({cfg.model.name: ctx.run_dir / "csv" / "metrics.csv"}, ctx.run_dir / "learning_curve.png")
         if curve is not None:

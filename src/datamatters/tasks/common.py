@@ -86,6 +86,7 @@ def make_loggers(ctx: RunContext) -> list:
     wb = OmegaConf.select(cfg, "logger.wandb")
     if wb is not None and wb.get("enabled", True):
         from lightning.pytorch.loggers import WandbLogger
+        from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
         id_file = ctx.run_dir / "wandb_id.txt"
         if id_file.exists():
@@ -94,7 +95,8 @@ def make_loggers(ctx: RunContext) -> list:
             import secrets
 
             run_id = secrets.token_hex(4)
-            id_file.write_text(run_id)
+            if rank_zero_only.rank == 0:  # DDP ranks started together (SLURM tasks) must not race; only rank 0 logs
+                id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE") or wb.get("mode", "offline")
         loggers.append(
             WandbLogger(
@@ -191,6 +193,7 @@ def job(cfg: DictConfig, job_type: str) -> Iterator[RunContext]:
 def dispatch(cfg: DictConfig) -> dict:
     """Run ``datamatters.tasks.<cfg.task.name>.run(cfg)``; turn a ``UserError`` into one message and exit 1."""
     name = OmegaConf.select(cfg, "task.name")
+    _watch_scheduler_signals()
     try:
         try:
             module = importlib.import_module(f"datamatters.tasks.{name}")
@@ -199,11 +202,41 @@ def dispatch(cfg: DictConfig) -> dict:
                 raise UserError(f"unknown task {name!r}") from exc
             raise
         return module.run(cfg)
-    except UserError as exc:
+    except Exception as exc:
+        if _STOPPED_BY:  # requeue/preemption: whatever broke while stopping is not this job's result
+            raise SystemExit(f"stopped by signal {_STOPPED_BY[0]} (requeue/preemption); last error: {exc!r}") from exc
+        if not isinstance(exc, UserError):
+            raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
         if _in_multirun():
             raise  # the launcher records the failed job and reports it in the sweep output
         sys.exit(1)
+
+
+_STOPPED_BY: list[int] = []  # signals with which the scheduler asked this job to stop
+
+
+def _watch_scheduler_signals() -> None:
+    """Under submitit (Hydra's submitit launcher), note SIGTERM and submitit's preemption signal, then hand them to
+    the handlers already there (submitit requeues on USR2 and ignores SIGTERM; Lightning, which chains to them, stops
+    training at the next step). A job stopped for requeue or preemption must end without a result: otherwise an error
+    raised while stopping (W&B's service is killed with the job step) reaches the sweep as a failure while the
+    requeued job is still to run."""
+    import signal
+    import threading
+
+    if "SUBMITIT_FOLDER" not in os.environ or threading.current_thread() is not threading.main_thread():
+        return
+    preempt = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2"), signal.SIGUSR2)
+    for sig in {signal.SIGTERM, preempt}:
+        prev = signal.getsignal(sig)
+        if callable(prev) and not getattr(prev, "_dm_watch", False):
+            def note(signum, frame, prev=prev):
+                _STOPPED_BY.append(signum)
+                prev(signum, frame)
+
+            note._dm_watch = True
+            signal.signal(sig, note)
 
 
 def _in_multirun() -> bool:

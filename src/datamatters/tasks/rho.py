@@ -91,6 +91,8 @@ def run(cfg: DictConfig) -> dict:
 
 
 def finish(ctx: RunContext, dm, module: SelectiveModule, trainer, test: dict) -> dict:
+    if not trainer.is_global_zero:  # DDP: rank 0 holds the gathered totals and writes the results
+        return {}
     selected = module.selected_indices()
     sel_path = ctx.run_dir / "selected_indices.npy"
     np.save(sel_path, selected)
