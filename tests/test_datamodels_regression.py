@@ -91,6 +91,22 @@ def test_path_val_mse_and_chosen_lambda_match_sklearn(patience):
         assert np.isnan(fit.path["val_mse"][-1]).any()  # early stopping skipped the end of some paths
 
 
+def test_few_models_x_form_matches_sklearn():
+    """N < p / 3: the solver never forms the Gram matrix; same path, same chosen lambda as sklearn."""
+    X, Y, _ = _problem(N=40, p=150, T=3, noise=0.3, seed=7)
+    fit = fit_datamodels(X, Y, k=8, eps=0.05, patience=100, tol=1e-11, max_iter=200000, dtype=F64, val_fraction=0.2)
+    assert fit.meta["solver"] == "gram-xform"
+    tr, va = split_models(np.arange(len(X)), 0.2, 0)
+    sc = StandardScaler().fit(X[tr].astype(float))
+    for t in range(Y.shape[1]):
+        ybar = Y[tr, t].astype(float).mean()
+        _, coefs, _ = lasso_path(sc.transform(X[tr].astype(float)), Y[tr, t] - ybar, alphas=fit.path["lambdas"][:, t],
+                                 tol=1e-12, max_iter=200000)
+        mse = ((sc.transform(X[va].astype(float)) @ coefs + ybar - Y[va, t][:, None]) ** 2).mean(0)
+        np.testing.assert_allclose(fit.path["val_mse"][:, t], mse, rtol=1e-4)
+        assert fit.lam_index[t] == np.argmin(mse)
+
+
 def test_refit_weights_are_in_raw_mask_units():
     """W, b predict from raw masks and equal sklearn's lasso on train+val at the chosen lambda."""
     X, Y, _ = _problem(N=300, p=20, T=3, seed=2)

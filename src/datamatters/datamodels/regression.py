@@ -132,7 +132,7 @@ def soft(x: Tensor, thr: Tensor) -> Tensor:
 
 def duality_gap(Q: Tensor, q: Tensor, yy: Tensor, lam: Tensor, W: Tensor, QW: Tensor | None = None) -> Tensor:
     """sklearn's lasso duality gap per target, divided by n (the objective here is scaled by 1/n)."""
-    QW = Q @ W if QW is None else QW
+    QW = Q @ W if QW is None else QW  # pass QW when it is at hand (then Q may be None)
     qw = (q * W).sum(0)
     R2 = (yy - 2 * qw + (W * QW).sum(0)).clamp(min=0)
     dual_norm = (q - QW).abs().amax(0)
@@ -147,50 +147,79 @@ class _BlockCD:
     own Lipschitz constant (the top eigenvalue of Q_BB, about 1 for standardised masks, so each step is nearly an
     exact coordinate minimisation) and the maintained product QW is updated by one matmul Q[:, B] @ dW_B, skipped
     when the block did not move (most blocks, early on the path). With block = 1 this is sklearn's Gram coordinate
-    descent; blocks turn its p rank-1 updates into a few BLAS-3 products. QW is recomputed exactly every
-    ``refresh`` sweeps so float32 rounding cannot drift into the duality gap.
+    descent; blocks turn its p rank-1 updates into a few BLAS-3 products. The maintained product is recomputed
+    exactly every ``refresh`` sweeps so float32 rounding cannot drift into the duality gap.
+
+    With few models (N < p / 3) the same iteration runs in "X form": given the standardised rows ``Xs`` (N, p),
+    Q = Xs^T Xs / N is never formed; the state is R = Xs W (N, T) and a block's gradient is Xs_B^T R / N, so a
+    sweep costs 2 N p T instead of p^2 T.
     """
 
-    def __init__(self, Q: Tensor, block: int = 64, refresh: int = 25):
+    def __init__(self, Q: Tensor | None = None, block: int = 64, refresh: int = 25, Xs: Tensor | None = None):
         self.Q, self.refresh = Q, int(refresh)
-        p = Q.shape[0]
+        self.XsT = None if Xs is None else Xs.T.contiguous()  # (p, N): block rows are contiguous
+        self.N = 1 if Xs is None else Xs.shape[0]
+        p = Q.shape[0] if Q is not None else self.XsT.shape[0]
         self.blocks = [(s, min(s + block, p)) for s in range(0, p, block)]
-        self.L = [float(torch.linalg.eigvalsh(Q[s:e, s:e].double())[-1].clamp(min=1e-12)) for s, e in self.blocks]
+        self.L = [float(torch.linalg.eigvalsh(self._qbb(s, e).double())[-1].clamp(min=1e-12)) for s, e in self.blocks]
 
-    def sweep(self, q: Tensor, lam: Tensor, W: Tensor, QW: Tensor) -> None:
+    def _qbb(self, s: int, e: int) -> Tensor:
+        if self.Q is not None:
+            return self.Q[s:e, s:e]
+        Xb = self.XsT[s:e]
+        return Xb @ Xb.T / self.N
+
+    def state(self, W: Tensor) -> Tensor:
+        """QW (Gram form) or R = Xs W (X form)."""
+        return self.Q @ W if self.Q is not None else self.XsT.T @ W
+
+    def qw(self, S: Tensor) -> Tensor:
+        return S if self.Q is not None else self.XsT @ S / self.N
+
+    def sweep(self, q: Tensor, lam: Tensor, W: Tensor, S: Tensor) -> None:
         always = W.is_cuda  # a host sync per block costs more than the product on a GPU
+        gram = self.Q is not None
         for (s, e), L in zip(self.blocks, self.L):
-            V = W[s:e] - (QW[s:e] - q[s:e]) / L
+            g = S[s:e] if gram else self.XsT[s:e] @ S / self.N
+            V = W[s:e] - (g - q[s:e]) / L
             D = soft(V, lam / L).sub_(W[s:e])
             if always or bool(D.any()):
-                QW.addmm_(self.Q[s:e].T, D)
+                if gram:
+                    S.addmm_(self.Q[s:e].T, D)
+                else:
+                    S.addmm_(self.XsT[s:e].T, D)
                 W[s:e] += D
 
-    def run(self, q, yy, lam, W, QW, tol: float, sweeps: int, done: int = 0) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Up to ``sweeps`` sweeps (in place on W, QW); returns (W, QW, converged, sweeps done)."""
+    def run(self, q, yy, lam, W, S, tol: float, sweeps: int, done: int = 0) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Up to ``sweeps`` sweeps (in place on W and the state S); returns (W, S, converged, sweeps done)."""
         target = tol * yy.clamp(min=1e-30)
         conv = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
         n = 0
         for n in range(1, sweeps + 1):
-            self.sweep(q, lam, W, QW)
+            self.sweep(q, lam, W, S)
             if (done + n) % self.refresh == 0:
-                QW = self.Q @ W
-            conv = duality_gap(self.Q, q, yy, lam, W, QW) <= target
+                S = self.state(W)
+            conv = duality_gap(None, q, yy, lam, W, self.qw(S)) <= target
             if bool(conv.all()):
                 break
-        return W, QW, conv, n
+        return W, S, conv, n
+
+
+def _solve_fixed(cd: _BlockCD, q: Tensor, yy: Tensor, lam: Tensor | float, W0: Tensor | None, tol: float,
+                 max_iter: int) -> tuple[Tensor, Tensor]:
+    T = q.shape[1]
+    lam = torch.as_tensor(lam, dtype=q.dtype, device=q.device).expand(T).clone()
+    W = torch.zeros_like(q) if W0 is None else W0.to(q).clone()
+    W, _, conv, _ = cd.run(q, yy, lam, W, cd.state(W), tol, max_iter)
+    return W, conv
 
 
 def lasso_gram(Q: Tensor, q: Tensor, yy: Tensor, lam: Tensor | float, W0: Tensor | None = None, *, tol: float = 1e-4,
                max_iter: int = 10000, block: int = 64) -> tuple[Tensor, Tensor]:
     """Solve the standardised lasso at fixed per-target ``lam`` (T,) to duality gap ``tol`` (sklearn's criterion,
     relative to var(y)). Returns (W, converged)."""
-    T = q.shape[1]
-    lam = torch.as_tensor(lam, dtype=q.dtype, device=q.device).expand(T).clone()
-    W = torch.zeros_like(q) if W0 is None else W0.to(q).clone()
-    with _threads_for(float(Q.shape[0]) ** 2 * T):
-        W, _, conv, _ = _BlockCD(Q, block).run(q, yy, lam, W, Q @ W, tol, max_iter)
-    return W, conv
+    with _threads_for(float(Q.shape[0]) ** 2 * q.shape[1]):
+        return _solve_fixed(_BlockCD(Q, block), q, yy, lam, W0, tol, max_iter)
 
 
 # ---- the path with per-target lambdas, validation and early stopping -----------------------------------------------
@@ -243,20 +272,19 @@ class _PathTracker:
         return self.lambdas[self.best_k, torch.arange(self.lambdas.shape[1], device=self.lambdas.device)]
 
 
-def _path_gram(S: Standardised, tracker: _PathTracker, tol: float, max_iter: int, block: int,
+def _path_gram(S: Standardised, tracker: _PathTracker, tol: float, max_iter: int, cd: _BlockCD,
                progress: bool) -> None:
     """Walk the path: one sweep for all targets still on it, then targets whose gap converged (or that hit
     ``max_iter`` sweeps) record their lambda and move on, warm-started; finished targets drop out."""
     T = S.q.shape[1]
-    cd = _BlockCD(S.Q, block)
     idx = torch.arange(T, device=S.q.device)
     W = torch.zeros_like(S.q)
-    QW = torch.zeros_like(S.q)
+    St = cd.state(W)
     it_lam = torch.zeros(T, dtype=torch.long, device=W.device)
     done = 0
     bar = _bar(progress, T, "lasso path (targets done)")
     while len(idx):
-        W, QW, conv, n = cd.run(S.q[:, idx], S.yy[idx], tracker.lam(idx), W, QW, tol, 1, done)
+        W, St, conv, n = cd.run(S.q[:, idx], S.yy[idx], tracker.lam(idx), W, St, tol, 1, done)
         done += n
         it_lam += n
         fin = conv | (it_lam >= max_iter)
@@ -267,7 +295,7 @@ def _path_gram(S: Standardised, tracker: _PathTracker, tol: float, max_iter: int
             if bool(leave.any()):
                 keep = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
                 keep[f[leave]] = False
-                idx, W, QW, it_lam = idx[keep], W[:, keep].contiguous(), QW[:, keep].contiguous(), it_lam[keep]
+                idx, W, St, it_lam = idx[keep], W[:, keep].contiguous(), St[:, keep].contiguous(), it_lam[keep]
                 if bar is not None:
                     bar.update(int(leave.sum()))
     if bar is not None:
@@ -441,13 +469,13 @@ def fit_datamodels(masks, outputs, rows: Sequence[int] | None = None, **kw) -> D
 
 def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: float = 0.1, seed: int = 0,
                    k: int = 100, eps: float = 1e-3, patience: int = 5, tol: float = 1e-4, max_iter: int = 5000,
-                   block: int = 64, start: int = 0, end: int | None = None, solver: str = "auto",
+                   block: int | None = None, start: int = 0, end: int | None = None, solver: str = "auto",
                    gram_max_features: int = 20000, refit: bool = True, device=None, dtype=torch.float32,
                    saga_batch: int = 256, saga_lr: float | None = None, saga_tol: float = 1e-6,
                    saga_max_epochs: int = 200, chunk: int = 2048, progress: bool = False) -> DatamodelFit:
     """The regression (see the module docstring); ``k`` lambdas from lambda_max to ``eps * lambda_max``, solved to
-    duality gap ``tol`` by block coordinate descent (``block`` coordinates per block, at most ``max_iter`` sweeps
-    per lambda) or by SAGA."""
+    duality gap ``tol`` by block coordinate descent (``block`` coordinates per block, default min(64, N/8); at most
+    ``max_iter`` sweeps per lambda) or by SAGA."""
     from datamatters.datamodels.store import DatamodelStore
 
     t0 = time.time()
@@ -473,8 +501,9 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
     tslice = slice(start, end)
     tr, va = split_models(rows, val_fraction, seed)
     gram = solver == "gram"
-    m_tr = moments(masks, outputs, tr, tslice, gram=gram, chunk=chunk, device=device)
-    m_va = moments(masks, outputs, va, tslice, gram=gram, chunk=chunk, device=device)
+    x_form = gram and 3 * (len(tr) + len(va)) < p  # few models: never form the p x p Gram matrix
+    m_tr = moments(masks, outputs, tr, tslice, gram=gram and not x_form, chunk=chunk, device=device)
+    m_va = moments(masks, outputs, va, tslice, gram=gram and not x_form, chunk=chunk, device=device)
     S = standardise(m_tr, dtype)
     lambdas = lambda_path(S.q, k, eps)
 
@@ -492,9 +521,17 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
             tot += (((X - mu) / sd @ W_cols + ybar - Y[:, idx]) ** 2).double().sum(0)
         return tot / len(va)
 
+    def solver_for(St: Standardised, rows_: np.ndarray) -> _BlockCD:
+        # blocks much smaller than N keep each block's Lipschitz constant near 1 (near-exact coordinate steps)
+        b = int(block) if block else min(64, max(8, St.n // 8))
+        if not x_form:
+            return _BlockCD(St.Q, b)
+        X, _ = read_block(masks, outputs, rows_, tslice, device, dtype)
+        return _BlockCD(None, b, Xs=(X - St.mu.to(dtype)) / St.sd.to(dtype))
+
     tracker = _PathTracker(lambdas, patience, val_mse)
     if gram:
-        _path_gram(S, tracker, tol, max_iter, block, progress)
+        _path_gram(S, tracker, tol, max_iter, solver_for(S, tr), progress)
     else:
         _saga_solve(masks, outputs, tr, tslice, S, tracker, None, None, batch=saga_batch, lr=saga_lr, tol=saga_tol,
                     max_epochs=saga_max_epochs, seed=seed, device=device, dtype=dtype, progress=progress)
@@ -504,7 +541,8 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
         S_all = standardise(m_tr + m_va, dtype)
         W0 = W_best * (S_all.sd / S.sd).to(dtype)[:, None]
         if gram:
-            W_std, _ = lasso_gram(S_all.Q, S_all.q, S_all.yy, lam, W0, tol=tol, max_iter=max_iter, block=block)
+            W_std, _ = _solve_fixed(solver_for(S_all, np.concatenate([tr, va])), S_all.q, S_all.yy, lam, W0, tol,
+                                    max_iter)
         else:
             W_std = _saga_solve(masks, outputs, np.concatenate([tr, va]), tslice, S_all, None, lam, W0,
                                 batch=saga_batch, lr=saga_lr, tol=saga_tol, max_epochs=saga_max_epochs, seed=seed,
@@ -517,7 +555,7 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
     path = {"lambdas": lambdas.double().cpu().numpy(), "val_mse": tracker.log_mse.numpy(),
             "nnz": tracker.log_nnz.numpy(), "iters": tracker.log_iter.numpy()}
     meta = {"start": start, "end": end, "n_train_models": len(tr), "n_val_models": len(va), "seed": seed,
-            "val_fraction": val_fraction, "k": k, "eps": eps, "patience": patience, "tol": tol, "solver": solver,
+            "val_fraction": val_fraction, "k": k, "eps": eps, "patience": patience, "tol": tol, "solver": solver + ("-xform" if x_form else ""),
             "refit": refit, "n_train": p, "block": block, "unconverged_lambdas": tracker.unconverged,
             "seconds": round(time.time() - t0, 3), "device": str(device)}
     return DatamodelFit(W=W_raw.cpu().numpy(), b=b.cpu().numpy(), lam=lam.double().cpu().numpy(),

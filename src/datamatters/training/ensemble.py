@@ -102,7 +102,9 @@ def _check_model(model: nn.Module) -> None:
 def _loss(model: nn.Module):
     def per_model(p: dict[str, Tensor], xb: Tensor, yb: Tensor, wb: Tensor) -> Tensor:
         logits = functional_call(model, p, (xb,))
-        losses = F.cross_entropy(logits, yb, reduction="none")
+        # cross-entropy as logsumexp - logit[y]: same value, but 2-4x faster than F.cross_entropy for few
+        # classes on CPU (its log_softmax kernel reduces over the short last dimension)
+        losses = torch.logsumexp(logits, -1) - logits.gather(-1, yb[:, None]).squeeze(-1)
         return (losses * wb).sum() / wb.sum().clamp(min=1.0)
 
     return per_model

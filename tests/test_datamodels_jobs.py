@@ -1,0 +1,128 @@
+"""Datamodels jobs: the whole pipeline on digits (2,000 models, LDS clearly above 0), the stage jobs (chunked sweep
+jobs, pool, fit on target slices, eval), a Hydra multirun, the Lightning trainer, and bad settings."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_job
+from datamatters.datamodels import open_store
+from datamatters.errors import UserError
+from datamatters.training.subsets import subset_masks
+
+QUIET = ["logger.wandb.enabled=false", "datamodels.threads=1"]
+# 90 training points (a large test carve-out), the 180 validation digits as targets, 300 models: seconds per stage
+SMALL = ["+experiment=digits_datamodels", *QUIET, "data.test_fraction=0.8", "datamodels.target_split=val",
+         "datamodels.num_models=300", "datamodels.num_eval_models=40",
+         "datamodels.epochs=2", "datamodels.block_size=50", "datamodels.lds_curve=[]",
+         "datamodels.counterfactual.targets=0", "datamodels.plots.targets=0", "datamodels.regression.k=10",
+         "datamodels.regression.eps=0.05"]
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_digits_pipeline_2000_models_gives_clearly_positive_lds(tmp_path):
+    s = run_job(tmp_path, ["+experiment=digits_datamodels", *QUIET, "datamodels.lds_curve=[2000]",
+                           "datamodels.counterfactual.targets=3", "datamodels.counterfactual.seeds=3",
+                           "datamodels.plots.targets=2", "datamodels.n_boot=300"])
+    print(f"\nLDS on 200 held-out models: {s['lds/mean']:.3f} [{s['lds/ci_low']:.3f}, {s['lds/ci_high']:.3f}]")
+    assert s["models/trained"] == 2000 and s["models/eval"] == 200
+    assert s["lds/mean"] > 0.4 and s["lds/ci_low"] > 0.3  # clearly above 0 (about 0.7 on digits)
+    for k in ("lds/mean", "lds/ci_low", "lds/ci_high", "time/train_s", "time/fit_s", "time/eval_s",
+              "fit/mean_nonzeros", "counterfactual/pearson", "config_hash"):
+        assert k in s
+    art = s["artifacts"]
+    assert Path(art["top_examples"]).is_file() and Path(art["lds_curve"]).is_file()
+    details = json.loads(Path(art["details"]).read_text())
+    assert details["lds_curve"] == [{"n_models": 2000, "lds": s["lds/mean"], "ci_low": s["lds/ci_low"],
+                                     "ci_high": s["lds/ci_high"], "fit_seconds": s["fit/seconds"]}]  # reused fit
+    assert len(details["counterfactual"]) == 3
+    store = open_store(art["store_train"], mode="r")
+    assert store.completed.all()
+    np.testing.assert_array_equal(store["masks"][:5], subset_masks(store["masks"].shape[1], 5, 0.5, seed=0))
+
+
+def test_stage_jobs_chunks_pool_slices_and_eval(tmp_path):
+    for j in (0, 2):  # two jobs of a chunked sweep (100 models each)
+        s = run_job(tmp_path, [*SMALL, "task=datamodels_train", f"datamodels.jobs={j}", "datamodels.models_per_job=100"])
+        assert s["train/models_trained"] == 100
+    store = open_store(tmp_path / "datamodels" / "digits" / "store", mode="r")
+    assert store.completed.tolist() == [True] * 100 + [False] * 100 + [True] * 100
+    first = np.array(store["margins"][:100])
+    s = run_job(tmp_path, [*SMALL, "task=datamodels_train", "datamodels.pool=true"])  # a pool worker takes the rest
+    assert s["train/models_trained"] == 100 and s["train/rows_completed"] == 300
+    np.testing.assert_array_equal(store["margins"][:100], first)  # finished rows untouched
+    s = run_job(tmp_path, [*SMALL, "task=datamodels_train", "datamodels.which=eval"])
+    assert s["eval/rows_completed"] == 40
+    for start, end in ((0, 100), (100, -1)):  # two regression jobs split the targets
+        s = run_job(tmp_path, [*SMALL, "task=datamodels_fit", f"datamodels.regression.start={start}",
+                               f"datamodels.regression.end={end}"])
+        assert Path(s["artifacts"]["weights"]).name == f"weights_{start}_{end if end > 0 else None}.npz"
+    ev = run_job(tmp_path, [*SMALL, "task=datamodels_eval", "datamodels.lds_curve=[150,300]",
+                            "datamodels.counterfactual.targets=2", "datamodels.plots.targets=2"])
+    assert ev["lds/mean"] > 0.1 and ev["lds/eval_models"] == 40
+    assert np.isfinite(ev["counterfactual/pearson"]) or "counterfactual/mean_actual_drop" in ev
+    curve = json.loads(Path(ev["artifacts"]["details"]).read_text())["lds_curve"]
+    assert [c["n_models"] for c in curve] == [150, 300] and Path(ev["artifacts"]["lds_curve"]).is_file()
+    assert Path(ev["artifacts"]["top_examples"]).is_file()
+    # the same job again: every row is complete, nothing is retrained
+    s = run_job(tmp_path, [*SMALL, "task=datamodels_train", "datamodels.which=both"])
+    assert s["models/trained"] == 0
+    # a worker configured differently must not write into this store
+    with pytest.raises(SystemExit):
+        run_job(tmp_path, [*SMALL, "task=datamodels_train", "datamodels.lr=0.5"])
+    with pytest.raises(SystemExit):
+        run_job(tmp_path, [*SMALL, "task=datamodels_train", "datamodels.jobs=3", "datamodels.models_per_job=100"])
+
+
+def test_worker_timeout_exits_non_zero(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_job(tmp_path, [*SMALL, "task=datamodels_train", "datamodels.timeout_s=0.000001"])
+    assert exc.value.code == 1
+    assert "ran out of time" in capsys.readouterr().err
+
+
+def test_lightning_trainer_fills_rows(tmp_path):
+    s = run_job(tmp_path, [*SMALL, "task=datamodels_train", "datamodels.trainer=lightning", "datamodels.num_models=2",
+                           "trainer.max_epochs=1", "datamodels.block_size=2", "model=mlp", "model.hidden=[16]"])
+    assert s["train/models_trained"] == 2
+    store = open_store(tmp_path / "datamodels" / "digits" / "store", mode="r")
+    assert store.completed.all() and np.isfinite(store["margins"][:]).all() and store["margins"][:].std() > 0
+
+
+def test_missing_config_is_a_user_error(tmp_path):
+    with pytest.raises(SystemExit):
+        run_job(tmp_path, ["task=datamodels_fit", *QUIET[:1]])
+
+
+def test_hydra_multirun_over_job_chunks(tmp_path, monkeypatch):
+    """The sweep a SLURM array would run (``-m datamodels.jobs=0,1``), here through run.py's Hydra main on the local
+    launcher, in-process: every job finds the same store; sweep job dirs are deterministic."""
+    import runpy
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from conftest import ROOT
+
+    GlobalHydra.instance().clear()
+    monkeypatch.setenv("LOG_DIR", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["run.py", *SMALL, "task=datamodels_train", "datamodels.num_models=40",
+                                      "datamodels.models_per_job=20", "datamodels.jobs=0,1",
+                                      f"hydra.sweep.dir={tmp_path / 'sweep'}", "-m"])
+    runpy.run_path(str(ROOT / "run.py"), run_name="__main__")
+    GlobalHydra.instance().clear()
+    store = open_store(tmp_path / "datamodels" / "digits" / "store", mode="r")
+    assert store.completed.all() and store.num_models == 40
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
+    for j in ("0", "1"):
+        assert json.loads((tmp_path / "sweep" / j / "summary.json").read_text())["train/models_trained"] == 20
