@@ -58,7 +58,7 @@ class InfluenceModel(ABC):
 
     def __init__(self, model: nn.Module, loss: Loss, *, regularization: Regularization = None,
                  block_structure: BlockStructure = "full", curvature: str = "hessian", grad_chunk: int = 512,
-                 progress: bool = False):
+                 data_cache: int = 1 << 26, progress: bool = False):
         if not isinstance(model, nn.Module):
             raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss):
@@ -68,7 +68,7 @@ class InfluenceModel(ABC):
         self.model, self.loss, self.curvature = model, loss, curvature
         self.blocks: list[Block] = make_blocks(model, block_structure)
         self.regularization = block_regularization(self.blocks, regularization, self.needs_positive_regularization)
-        self.grad_chunk, self.progress = int(grad_chunk), bool(progress)
+        self.grad_chunk, self.progress, self.data_cache = int(grad_chunk), bool(progress), int(data_cache)
         self.fn: ModelFunction | None = None
         self.stats: Counter = Counter()
         self.timings: dict[str, float] = {}
@@ -86,10 +86,24 @@ class InfluenceModel(ABC):
         self._x_shape, self._y_shape = tuple(x0.shape[1:]), tuple(torch.as_tensor(y0).shape[1:])
         self.model.eval()  # influence is a property of the trained function: no dropout, frozen batch-norm stats
         self.fn = ModelFunction(self.model, self.loss, self.blocks)
+        self.fn.check_fast_sum(x0, y0)
         t = time.perf_counter()
-        self._fit(data)
+        self._fit(self._cache(data))
         self.timings["fit_s"] = time.perf_counter() - t
         return self
+
+    def _cache(self, data: Iterable) -> Iterable:
+        """The training batches as a list of prepared (x, y) tensors when they hold at most ``data_cache`` numbers:
+        iterative solvers then pass over memory instead of re-collating the loader each time. Same batches, same
+        order, so results do not change."""
+        out, size = [], 0
+        for batch in data:
+            x, y = self.fn.prepare(*split_batch(batch))
+            size += x.numel() + y.numel()
+            if size > self.data_cache:
+                return data
+            out.append((x, y))
+        return out
 
     @abstractmethod
     def _fit(self, data: Iterable) -> None: ...

@@ -112,13 +112,15 @@ class CgInfluence(InfluenceModel):
 
     ``x0``: ``"zeros"`` (default) or ``"rhs"`` (pyDVL starts from ``b`` itself). ``preconditioner``: None,
     ``"jacobi"``, ``"nystroem"``, ``{"name": "nystroem", "rank": 20}`` or a Preconditioner instance.
-    ``vector_chunk`` bounds how many vectors one vmapped curvature product handles at once.
+    ``vector_chunk`` bounds how many vectors one vmapped curvature product handles at once. ``materialize``:
+    ``"auto"`` (default) switches a block of at most ``dense_limit`` parameters to its dense matrix once the CG
+    products spent on it reach its size (break-even); ``False`` stays matrix-free, ``True`` builds it at once.
     """
 
     def __init__(self, model, loss, *, regularization=None, block_structure="full", curvature="hessian",
                  rtol: float = 1e-4, atol: float = 1e-6, maxiter: int | None = None, preconditioner=None,
                  block_cg: bool = False, x0: str = "zeros", warn_on_max_iteration: bool = True,
-                 vector_chunk: int = 64, **kw):
+                 vector_chunk: int = 64, materialize: bool | str = "auto", dense_limit: int = 4096, **kw):
         super().__init__(model, loss, regularization=regularization, block_structure=block_structure,
                          curvature=curvature, **kw)
         if not (rtol >= 0 and atol >= 0) or (rtol == 0 and atol == 0):
@@ -129,7 +131,11 @@ class CgInfluence(InfluenceModel):
             raise UserError(f"maxiter must be >= 1, got {maxiter}")
         self.rtol, self.atol, self.maxiter = float(rtol), float(atol), maxiter
         self.block_cg, self.x0, self.warn = bool(block_cg), x0, bool(warn_on_max_iteration)
-        self.vector_chunk = int(vector_chunk)
+        if materialize not in (True, False, "auto"):
+            raise UserError(f"materialize must be True, False or 'auto', got {materialize!r}")
+        self.vector_chunk, self.materialize, self.dense_limit = int(vector_chunk), materialize, int(dense_limit)
+        self.dense: dict[str, Tensor] = {}
+        self.products: dict[str, int] = {}
         self._precond_spec = preconditioner
         make_preconditioner(preconditioner)  # validate early
         self.operators: dict[str, Curvature] = {}
@@ -149,15 +155,33 @@ class CgInfluence(InfluenceModel):
             self.preconditioners[b.name] = pc
 
     def regularized(self, block: Block) -> MatMat:
-        op, lam = self.operators[block.name], self.regularization[block.name]
-        return lambda V: op.matvec(V) + lam * V
+        """``V -> V (C + lambda I)``. Matrix-free, until (``materialize="auto"``) the curvature products spent on
+        this block reach its size ``p <= dense_limit``: from then on the block's matrix, built once with ``p``
+        products, is used. The iterates are the same (it is the same operator); at most twice the optimal work."""
+        op, lam, name = self.operators[block.name], self.regularization[block.name], block.name
+
+        def apply(V: Tensor) -> Tensor:
+            if name not in self.dense and self._materialize_now(block, V.shape[0]):
+                self.dense[name] = op.dense()
+            if name in self.dense:
+                return V @ self.dense[name] + lam * V
+            self.products[name] = self.products.get(name, 0) + V.shape[0]
+            return op.matvec(V) + lam * V
+
+        return apply
+
+    def _materialize_now(self, block: Block, k: int) -> bool:
+        if self.materialize is True:
+            return True
+        return (self.materialize == "auto" and block.size <= self.dense_limit
+                and self.products.get(block.name, 0) + k >= block.size)
 
     def _solve_block(self, block: Block, G: Tensor) -> Tensor:
         pc = self.preconditioners[block.name]
         solver = block_cg if self.block_cg else batched_cg
         X, info = solver(self.regularized(block), G, rtol=self.rtol, atol=self.atol, maxiter=self.maxiter,
                          M=pc.solve if pc else None, X0=G.clone() if self.x0 == "rhs" else None)
-        self.last_info[block.name] = info
+        self.last_info[block.name] = {**info, "materialized": block.name in self.dense}
         failed = int((~info["converged"]).sum())
         if failed and self.warn:
             warnings.warn(f"CG block {block.name!r}: {failed} of {G.shape[0]} right-hand sides did not reach "

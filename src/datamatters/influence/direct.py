@@ -23,7 +23,7 @@ class DirectInfluence(InfluenceModel):
     """Exact ``(C_bb + lambda_b I)^-1 g`` per block from the materialised curvature."""
 
     def __init__(self, model, loss, *, regularization=None, block_structure="full", curvature="hessian",
-                 column_chunk: int = 256, **kw):
+                 column_chunk: int = 128, **kw):
         super().__init__(model, loss, regularization=regularization, block_structure=block_structure,
                          curvature=curvature, **kw)
         self.column_chunk = int(column_chunk)

@@ -46,12 +46,12 @@ class _Layer:
 
 class EkfacInfluence(InfluenceModel):
     def __init__(self, model, loss=F.cross_entropy, *, regularization=0.0, update_diagonal: bool = False,
-                 fisher: str = "ggn", **kw):
+                 fisher: str = "ggn", cache_limit: int = 1 << 26, **kw):
         if fisher not in FISHERS:
             raise UserError(f"fisher must be one of {FISHERS}, got {fisher!r}")
         super().__init__(model, loss, regularization=regularization, block_structure="layer_wise",
                          curvature="gauss_newton", **kw)
-        self.update_diagonal, self.fisher = bool(update_diagonal), fisher
+        self.update_diagonal, self.fisher, self.cache_limit = bool(update_diagonal), fisher, int(cache_limit)
         modules = dict(model.named_modules())
         self.layers: list[_Layer] = []
         for b in self.blocks:
@@ -104,7 +104,8 @@ class EkfacInfluence(InfluenceModel):
 
     # ---- passes over the data ------------------------------------------------------------------------------
     def _pseudo_grads(self, out: Tensor, y: Tensor) -> Tensor:
-        """(batch, C, m): columns l_j with sum_j l_j l_j^T = per-example output Hessian (ggn), or the gradient."""
+        """(batch, C, m): columns l_j with sum_j l_j l_j^T = per-example output Hessian (ggn), or the gradient.
+        Closed forms for cross-entropy (``l_c = sqrt(p_c) (e_c - p)``) and MSE; other losses by ``eigh``."""
         flat = out.detach().reshape(out.shape[0], -1)
 
         def loss1(o, t):
@@ -112,6 +113,14 @@ class EkfacInfluence(InfluenceModel):
 
         if self.fisher == "empirical":
             return torch.func.vmap(torch.func.grad(loss1))(flat, y)[:, :, None]
+        if self.loss is F.cross_entropy and out.dim() == 2 and not y.is_floating_point():
+            p = torch.softmax(flat, 1)
+            eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
+            return (eye[None] - p[:, :, None]) * p.sqrt()[:, None, :]
+        if self.loss is F.mse_loss:
+            c = flat.shape[1]
+            eye = torch.eye(c, dtype=flat.dtype, device=flat.device) * (2.0 / c) ** 0.5
+            return eye.expand(flat.shape[0], c, c)
         H = torch.func.vmap(torch.func.hessian(loss1))(flat, y)
         ev, Q = torch.linalg.eigh((H + H.transpose(1, 2)) / 2)
         return Q * ev.clamp(min=0).sqrt()[:, None, :]
@@ -135,11 +144,15 @@ class EkfacInfluence(InfluenceModel):
                     Lp = self._pseudo_grads(out, y)
                     outs = [store[i][1] for i in range(len(self.layers))]
                     acts = [self._inputs(ly, store[i][0]) for i, ly in enumerate(self.layers)]
-                    grads = []
-                    for j in range(Lp.shape[2]):
-                        g = torch.autograd.grad((out.reshape(out.shape[0], -1) * Lp[:, :, j]).sum(), outs,
-                                                retain_graph=j < Lp.shape[2] - 1)
-                        grads.append([self._outputs(ly, gi.detach()) for ly, gi in zip(self.layers, g)])
+                    cot = Lp.permute(2, 0, 1).reshape(Lp.shape[2], *out.shape)  # one cotangent per column
+                    try:  # all pseudo-gradient columns in one vmapped backward pass
+                        g = torch.autograd.grad(out, outs, grad_outputs=cot, is_grads_batched=True)
+                    except RuntimeError:  # an op without a batching rule: one backward pass per column
+                        cols = [torch.autograd.grad(out, outs, grad_outputs=cot[j], retain_graph=True)
+                                for j in range(cot.shape[0])]
+                        g = [torch.stack([c[i] for c in cols]) for i in range(len(outs))]
+                    grads = [torch.stack([self._outputs(ly, gj.detach()) for gj in gi])
+                             for ly, gi in zip(self.layers, g)]  # per layer (m, batch, out, T)
                 yield x.shape[0], acts, grads
         finally:
             for h in handles:
@@ -148,13 +161,16 @@ class EkfacInfluence(InfluenceModel):
     def _fit(self, data: Iterable) -> None:
         for ly in self.layers:
             ly.A = ly.G = None
-        n = 0
+        n, cache, size = 0, [], 0
         for b, acts, grads in self._batches(data):
             n += b
+            if self.update_diagonal and size < self.cache_limit:  # keep for the correction pass
+                cache.append((acts, grads))
+                size += sum(a.numel() for a in acts) + sum(g.numel() for g in grads)
             for i, ly in enumerate(self.layers):
-                a = acts[i]
+                a, g = acts[i], grads[i]
                 A = torch.einsum("bit,bjt->ij", a, a)
-                G = sum(torch.einsum("bot,bpt->op", g[i], g[i]) for g in grads) / a.shape[2]
+                G = torch.einsum("mbot,mbpt->op", g, g) / a.shape[2]
                 ly.A = A if ly.A is None else ly.A + A
                 ly.G = G if ly.G is None else ly.G + G
         for ly in self.layers:
@@ -163,17 +179,20 @@ class EkfacInfluence(InfluenceModel):
             evG, ly.QG = torch.linalg.eigh(ly.G)
             ly.L = torch.outer(evG, evA)
         if self.update_diagonal:
-            self._correct_eigenvalues(data)
+            passes = cache if size < self.cache_limit else ((a, g) for _, a, g in self._batches(data))
+            self._correct_eigenvalues(passes, n)
 
-    def _correct_eigenvalues(self, data: Iterable) -> None:
-        sums, n = [torch.zeros_like(ly.L) for ly in self.layers], 0
-        for b, acts, grads in self._batches(data):
-            n += b
+    def _correct_eigenvalues(self, passes, n: int) -> None:
+        """``L = E[sum_j (Q_G^T DW_j Q_A)^2]``; for one position (T=1) ``DW_j = ds_j a^T`` so the square factorises."""
+        sums = [torch.zeros_like(ly.L) for ly in self.layers]
+        for acts, grads in passes:
             for i, ly in enumerate(self.layers):
                 a = torch.einsum("ij,bjt->bit", ly.QA.T, acts[i])
-                for g in grads:
-                    ds = torch.einsum("op,bpt->bot", ly.QG.T, g[i])
-                    sums[i] += (torch.einsum("bot,bit->boi", ds, a) ** 2).sum(0)
+                ds = torch.einsum("op,mbpt->mbot", ly.QG.T, grads[i])
+                if a.shape[2] == 1:
+                    sums[i] += torch.einsum("bo,bi->oi", (ds[..., 0] ** 2).sum(0), a[..., 0] ** 2)
+                else:
+                    sums[i] += (torch.einsum("mbot,bit->mboi", ds, a) ** 2).sum((0, 1))
         for ly, s in zip(self.layers, sums):
             ly.L = s / n
 

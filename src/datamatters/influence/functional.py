@@ -46,6 +46,7 @@ class ModelFunction:
         first = next(iter(self.theta.values()))
         self.device, self.dtype = first.device, first.dtype
         self.dim = sum(b.size for b in self.blocks)
+        self.fast_sum = False  # n * loss(batch) == sum of per-example losses (checked by check_fast_sum)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -69,9 +70,23 @@ class ModelFunction:
         return self.sample_loss(self.forward(theta, x1.unsqueeze(0))[0], y1)
 
     def sum_loss(self, theta: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        """Sum of per-example losses of a batch (one batched forward, per-example loss via vmap)."""
+        """Sum of per-example losses of a batch: ``n * loss(outputs, y)`` when that was verified to be the same
+        (mean-reduction losses), else the per-example losses via vmap."""
         out = self.forward(theta, x)
+        if self.fast_sum:
+            return self.loss(out, y) * out.shape[0]
         return vmap(self.sample_loss)(out, y).sum()
+
+    def check_fast_sum(self, x: Tensor, y: Tensor) -> bool:
+        """Use ``n * loss(batch)`` for batch sums if it equals the per-example sum on this batch (it does for
+        mean-reduced cross-entropy or MSE; not for class-weighted or ``ignore_index`` losses)."""
+        x, y = self.prepare(x, y)
+        with torch.no_grad():
+            out = self.forward(self.theta, x)
+            a = self.loss(out, y) * out.shape[0]
+            b = vmap(self.sample_loss)(out, y).sum()
+        self.fast_sum = bool(torch.isfinite(a)) and bool(torch.allclose(a, b, rtol=1e-6, atol=0.0)) and x.shape[0] > 1
+        return self.fast_sum
 
     # ---- flat parameter helpers ----------------------------------------------------------------------------
     def flat_theta(self, block: Block) -> Tensor:
@@ -121,10 +136,8 @@ class ModelFunction:
         def loss_of(t):
             return self.sum_loss(self.with_block(block, t), x, y)
 
-        def one(v):
-            return jvp(grad(loss_of), (t0,), (v,))[1]
-
-        return vmap(one)(V).detach()
+        _, pull = vjp(grad(loss_of), t0)  # reverse-over-reverse: H is symmetric, so H v = pullback of v
+        return vmap(pull)(V)[0].detach()
 
     def ggn_sum(self, block: Block, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
         """``sum_i J_i^T H^out_i J_i V^T``: the generalised Gauss-Newton product (J: outputs by block params)."""

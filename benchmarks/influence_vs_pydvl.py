@@ -1,0 +1,283 @@
+"""Influence functions: this engine vs pyDVL 0.10 on the same model, data and regularisation.
+
+Problem: MNIST-1D (generated, 40 features, 10 classes), an MLP 40-32-10 (1,642 parameters) trained with Adam,
+a test x train influence matrix (default 500 x 5,000), Hessian of the mean cross-entropy + lambda I, float64 on
+both sides so that agreement is limited by the methods, not by round-off. For each method (Direct, CG, Arnoldi,
+EK-FAC) and each side the fit and the matrix are timed separately, in fresh processes: ours with ``.venv``, pyDVL
+with ``.venv-ref`` (same torch build), interleaved ours/pyDVL with the order alternating per repetition, one BLAS
+thread each (the benchmark machine is shared and oversubscribed), after a warm-up that pays torch.func's one-off
+import cost on both sides. pyDVL is timed twice: through its ``SequentialInfluenceCalculator`` with the same chunks
+as ours (its documented way to build a matrix), and as one in-memory ``influences(x_test, y_test, x, y)`` call (its
+fastest path, when everything fits in memory).
+
+    python benchmarks/influence_vs_pydvl.py [--quick] [--reps 2] [--methods direct cg arnoldi ekfac]
+
+Writes ``benchmarks/results/influence_vs_pydvl.json`` (and prints a markdown table).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS_PY = ROOT / ".venv" / "bin" / "python"
+REF_PY = ROOT / ".venv-ref" / "bin" / "python"
+METHODS = ("direct", "cg", "arnoldi", "ekfac")
+OURS_ONLY = ("cg_all",)  # CG on every test point: pyDVL's one-by-one CG would take hours here
+
+
+# ---- the shared problem (built once, by our side) --------------------------------------------------------------
+def make_problem(work: Path, n_train: int, n_test: int, seed: int = 0) -> dict:
+    import torch
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples, args.train_split, args.seed = n_train + n_test, n_train / (n_train + n_test), seed
+    d = make_dataset(args)
+    X, Xt = d["x"].astype(np.float64), d["x_test"].astype(np.float64)
+    mu, sd = X.mean(0), X.std(0) + 1e-8
+    X, Xt = (X - mu) / sd, (Xt - mu) / sd
+    y, yt = d["y"].astype(np.int64), d["y_test"].astype(np.int64)
+    torch.manual_seed(seed)
+    model = _mlp().double()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
+    tX, ty = torch.from_numpy(X), torch.from_numpy(y)
+    for _ in range(300):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(tX), ty).backward()
+        opt.step()
+    with torch.no_grad():
+        acc = float((model(torch.from_numpy(Xt)).argmax(1) == torch.from_numpy(yt)).float().mean())
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(work / "data.npz", X=X, y=y, Xt=Xt, yt=yt)
+    torch.save(model.state_dict(), work / "model.pt")
+    return {"test_acc": acc, "n_parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _mlp():
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Linear(40, 32), torch.nn.Tanh(), torch.nn.Linear(32, 10))
+
+
+def _load(work: Path):
+    import torch
+    from torch.utils.data import DataLoader, TensorDataset
+
+    z = np.load(work / "data.npz")
+    model = _mlp().double()
+    model.load_state_dict(torch.load(work / "model.pt", weights_only=True))
+    model.eval()
+    t = {k: torch.from_numpy(z[k]) for k in ("X", "y", "Xt", "yt")}
+    return model, t
+
+
+def _loaders(t, train_bs: int, test_bs: int):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    return (DataLoader(TensorDataset(t["X"], t["y"]), batch_size=train_bs),
+            DataLoader(TensorDataset(t["Xt"], t["yt"]), batch_size=test_bs))
+
+
+# ---- one side, one method (runs in a fresh process) ------------------------------------------------------------
+def _ours(method: str, model, loss, cfg: dict):
+    from datamatters.influence import ArnoldiInfluence, CgInfluence, DirectInfluence, EkfacInfluence
+
+    lam = cfg["regularization"]
+    if method == "direct":
+        return DirectInfluence(model, loss, regularization=lam)
+    if method in ("cg", "cg_all"):
+        # per-row ||r_j|| <= max(rtol ||b_j||, atol) with rtol = atol = cg_tol
+        return CgInfluence(model, loss, regularization=lam, rtol=cfg["cg_tol"], atol=cfg["cg_tol"])
+    if method == "arnoldi":
+        return ArnoldiInfluence(model, loss, regularization=lam, rank=cfg["rank"], tol=cfg["arnoldi_tol"])
+    return EkfacInfluence(model, loss, regularization=lam, update_diagonal=True)
+
+
+def _pydvl(method: str, model, loss, cfg: dict):
+    from pydvl.influence.torch import ArnoldiInfluence, CgInfluence, DirectInfluence, EkfacInfluence
+
+    lam = cfg["regularization"]
+    if method == "direct":
+        return DirectInfluence(model, loss, regularization=lam)
+    if method == "cg":
+        # pyDVL 0.10 stops at ||r|| < max(rtol^2 * (a column norm), atol^2): sqrt(cg_tol) gives the same
+        # absolute stopping point as ours (the rtol term is negligible here)
+        return CgInfluence(model, loss, regularization=lam, rtol=cfg["cg_tol"] ** 0.5, atol=cfg["cg_tol"] ** 0.5,
+                           warn_on_max_iteration=False)
+    if method == "arnoldi":
+        return ArnoldiInfluence(model, loss, regularization=lam, rank=cfg["rank"], tol=cfg["arnoldi_tol"])
+    return EkfacInfluence(model, update_diagonal=True, hessian_regularization=lam)
+
+
+def run_side(side: str, method: str, work: Path, cfg: dict, out: Path) -> None:
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    if side == "pydvl" and method == "ekfac":
+        torch.set_default_dtype(torch.float64)  # pyDVL's EK-FAC allocates its factors in the default dtype
+    model, t = _load(work)
+    loss = torch.nn.functional.cross_entropy
+    n_test = cfg["n_test_cg"] if method == "cg" else len(t["Xt"])
+    t = {**t, "Xt": t["Xt"][:n_test], "yt": t["yt"][:n_test]}
+    train, test = _loaders(t, cfg["train_chunk"], cfg["test_chunk"])
+    make = _ours if side == "ours" else _pydvl
+    # warm-up: torch.func pulls in torch._dynamo on first use (seconds); pay it before the clock starts
+    warm_train, warm_test = _loaders({k: v[:8] for k, v in t.items()}, 4, 4)
+    make(method, model, loss, {**cfg, "rank": 2}).fit(warm_train).influences(t["Xt"][:2], t["yt"][:2], t["X"][:2],
+                                                                             t["y"][:2])
+    res: dict = {"side": side, "method": method, "n_test": n_test, "n_train": len(t["X"])}
+    t0 = time.perf_counter()
+    inf = make(method, model, loss, cfg).fit(train)
+    res["fit_s"] = time.perf_counter() - t0
+    modes = ["calculator", "one_shot"] if side == "pydvl" else ["calculator"]
+    if side == "pydvl" and method == "cg":
+        modes = ["one_shot"]  # pyDVL's calculator repeats every CG solve for each of the train chunks
+    for mode in modes:
+        t0 = time.perf_counter()
+        if mode == "one_shot":
+            M = inf.influences(t["Xt"], t["yt"], t["X"], t["y"])
+        elif side == "ours":
+            from datamatters.influence.calculators import SequentialInfluenceCalculator
+
+            M = SequentialInfluenceCalculator(inf).influences(test, train).to_tensor()
+        else:
+            from pydvl.influence import SequentialInfluenceCalculator
+            from pydvl.influence.torch.util import NestedTorchCatAggregator
+
+            M = SequentialInfluenceCalculator(inf).influences(test, train).compute(
+                aggregator=NestedTorchCatAggregator())
+        res[f"{mode}_s"] = time.perf_counter() - t0
+        np.save(out.with_name(f"{out.stem}_{mode}.npy"), M.detach().cpu().numpy())
+    if side == "ours" and method in ("cg", "cg_all"):
+        info = inf.last_info["full"]
+        res["cg_iterations_max"] = int(info["iterations"].max())
+        res["cg_converged"] = bool(info["converged"].all())
+        res["cg_materialized"] = bool(info["materialized"])
+    out.write_text(json.dumps(res))
+
+
+# ---- the driver ---------------------------------------------------------------------------------------------------
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _corr(a, b) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--side", choices=("ours", "pydvl"))
+    ap.add_argument("--method", choices=METHODS + OURS_ONLY)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "influence_vs_pydvl.json")
+    ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "datamatters_influence_bench")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS + OURS_ONLY), choices=METHODS + OURS_ONLY)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--n-train", type=int, default=5000)
+    ap.add_argument("--n-test", type=int, default=500)
+    ap.add_argument("--n-test-cg", type=int, default=20, help="test points for CG (pyDVL solves them one by one)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke run)")
+    ap.add_argument("--cfg", type=str, default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.side:  # child process
+        run_side(a.side, a.method, a.work, json.loads(a.cfg), a.out)
+        return
+    if a.quick:
+        a.n_train, a.n_test, a.n_test_cg, a.reps = 500, 50, 10, 1
+        if a.out.name == "influence_vs_pydvl.json":
+            a.out = a.out.with_name("influence_vs_pydvl_quick.json")
+    cfg = {"regularization": 0.01, "cg_tol": 1e-8, "rank": 10, "arnoldi_tol": 1e-6,
+           "threads": a.threads, "train_chunk": 1000 if a.n_train >= 1000 else 100, "test_chunk": 100 if a.n_test >= 100 else 10,
+           "n_test_cg": a.n_test_cg}
+    problem = make_problem(a.work, a.n_train, a.n_test)
+    runs: dict = {m: {"ours": [], "pydvl": []} for m in a.methods}
+    for rep in range(a.reps):
+        for m in a.methods:
+            order = ("ours", "pydvl") if rep % 2 == 0 else ("pydvl", "ours")
+            for side in order:
+                if side == "pydvl" and m in OURS_ONLY:
+                    continue
+                out = a.work / f"{m}_{side}.json"
+                py = OURS_PY if side == "ours" else REF_PY
+                t0 = time.perf_counter()
+                subprocess.run([str(py), __file__, "--side", side, "--method", m, "--work", str(a.work), "--out",
+                                str(out), "--cfg", json.dumps(cfg)], check=True, cwd=ROOT,
+                               env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
+                r = json.loads(out.read_text())
+                r["process_s"] = time.perf_counter() - t0
+                runs[m][side].append(r)
+                print(f"rep {rep} {m:8s} {side:5s} " + " ".join(f"{k}={v:.2f}" for k, v in r.items()
+                                                               if isinstance(v, float)), flush=True)
+    direct = np.load(a.work / "direct_ours_calculator.npy") if "direct" in a.methods else None
+    results = {}
+    for m in a.methods:
+        ours = np.load(a.work / f"{m}_ours_calculator.npy")
+        best = lambda side, key: min(r[key] for r in runs[m][side] if key in r)  # noqa: E731
+        o_total = best("ours", "fit_s") + best("ours", "calculator_s")
+        entry = {"ours": runs[m]["ours"], "pydvl": runs[m]["pydvl"], "ours_total_s": o_total}
+        if m == "cg_all" and "cg" in results and "pydvl_one_shot_total_s" in results["cg"]:
+            per_row = results["cg"]["pydvl_one_shot_total_s"] / results["cg"]["ours"][0]["n_test"]
+            entry["pydvl_one_shot_extrapolated_s"] = per_row * ours.shape[0]
+            entry["note"] = "pyDVL not run: its estimate is its per-row CG time on the cg entry times the rows"
+        for mode in ("calculator", "one_shot"):
+            f = a.work / f"{m}_pydvl_{mode}.npy"
+            if not f.exists():
+                continue
+            ref = np.load(f)
+            p_total = best("pydvl", "fit_s") + best("pydvl", f"{mode}_s")
+            entry[f"pydvl_{mode}_total_s"] = p_total
+            entry[f"speedup_vs_pydvl_{mode}"] = p_total / o_total
+            entry[f"agreement_vs_pydvl_{mode}"] = {"rel_error": _rel(ours, ref), "pearson": _corr(ours, ref)}
+            if direct is not None and m != "direct" and ref.shape == direct.shape:
+                entry[f"pydvl_{mode}_vs_direct"] = {"rel_error": _rel(ref, direct), "pearson": _corr(ref, direct)}
+        if direct is not None and m != "direct" and ours.shape[1] == direct.shape[1]:
+            d = direct[: ours.shape[0]]
+            entry["ours_vs_direct"] = {"rel_error": _rel(ours, d), "pearson": _corr(ours, d)}
+            if m == "cg":
+                ref = np.load(a.work / "cg_pydvl_one_shot.npy")
+                entry["pydvl_one_shot_vs_direct"] = {"rel_error": _rel(ref, d), "pearson": _corr(ref, d)}
+        results[m] = entry
+    doc = {
+        "benchmark": "influence_vs_pydvl",
+        "problem": {"data": "MNIST-1D (generated, standardised)", "model": "MLP 40-32-10, tanh, float64",
+                    "n_train": a.n_train, "n_test": a.n_test, "n_test_cg": a.n_test_cg, **problem, **cfg,
+                    "curvature": "Hessian of the mean cross-entropy + regularization * I"},
+        "protocol": ("fresh process per (method, side); ours in .venv, pyDVL 0.10 in .venv-ref (same torch); "
+                     "interleaved, order alternating per repetition; best of reps; one BLAS thread each on a shared, "
+                     "oversubscribed 2-core machine (noisy); warm-up excluded; totals are fit + matrix"),
+        "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "reps": a.reps, "results": results,
+    }
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(doc, indent=2))
+    print(table(doc))
+
+
+def table(doc: dict) -> str:
+    rows = ["| method | test x train | ours (s) | pyDVL calculator (s) | pyDVL one-shot (s) | speed-up (calc / one-shot) "
+            "| rel. error vs pyDVL | ours vs Direct (pearson) |", "|" + "---|" * 8]
+    for m, e in doc["results"].items():
+        n = e["ours"][0]["n_test"], e["ours"][0]["n_train"]
+        f = lambda k: f"{e[k]:.1f}" if k in e else "-"  # noqa: E731
+        sp = "/".join(f"{e[k]:.1f}x" if k in e else "-" for k in ("speedup_vs_pydvl_calculator",
+                                                                   "speedup_vs_pydvl_one_shot"))
+        ag = e.get("agreement_vs_pydvl_one_shot", e.get("agreement_vs_pydvl_calculator", {}))
+        dv = e.get("ours_vs_direct", {}).get("pearson")
+        rows.append(f"| {m} | {n[0]} x {n[1]} | {e['ours_total_s']:.1f} | {f('pydvl_calculator_total_s')} | "
+                    f"{f('pydvl_one_shot_total_s')} | {sp} | {ag.get('rel_error', float('nan')):.1e} | "
+                    f"{'-' if dv is None else f'{dv:.4f}'} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

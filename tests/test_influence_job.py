@@ -1,0 +1,97 @@
+"""The influence job: every method config composes and builds its influence model; a small digits run writes the
+zarr matrix, self-influence and summary.json (LDS, noisy-label AUC, timings); the dask variant gives the same
+matrix; bad configs fail with one clear message."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import CONFIG_DIR, compose_cfg, run_job
+
+from datamatters.artifacts import load_indexed
+from datamatters.errors import UserError
+from datamatters.influence import METHODS, store
+
+METHOD_CONFIGS = sorted(p.stem for p in (CONFIG_DIR / "influence").glob("*.yaml"))
+SMALL = ["+experiment=digits_influence", "model.hidden=[6]", "influence.num_test=12", "influence.lds.num_models=6",
+         "influence.train.epochs=3", "influence.lds.n_boot=50", "logger.wandb.enabled=false"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_every_method_has_a_config_that_builds_its_model():
+    from omegaconf import OmegaConf
+
+    from datamatters.tasks.influence import _method, settings
+
+    assert set(METHOD_CONFIGS) == set(METHODS)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4), torch.nn.Tanh(), torch.nn.Linear(4, 10))
+    cfg = compose_cfg(["+experiment=digits_influence", "influence=trak", "paths.output_dir=/tmp/x"])
+    assert cfg.influence.method == "trak" and cfg.influence.num_test == 100  # the group option and the experiment
+    for name in METHOD_CONFIGS:  # each option file on top of the experiment's shared settings
+        option = OmegaConf.load(CONFIG_DIR / "influence" / f"{name}.yaml")
+        cfg.influence = OmegaConf.merge(OmegaConf.masked_copy(cfg.influence, ["num_test", "lds", "train"]), option)
+        inf = _method(settings(cfg), model.double(), torch.nn.functional.cross_entropy)
+        assert isinstance(inf, METHODS[name]), name
+
+
+def test_digits_job_writes_matrix_self_influence_and_summary(tmp_path):
+    summary = run_job(tmp_path, [*SMALL, "influence=cg", "influence.curvature=gauss_newton"])
+    for key in ("lds/mean", "lds/ci_low", "noisy/auc", "noisy/f1", "test/acc", "time/fit_s", "time/matrix_s",
+                "time/self_influence_s", "time/lds_models_s"):
+        assert np.isfinite(summary[key]), key
+    assert summary["influence/n_test"] == 12 and summary["influence/solve_calls"] >= 1
+    arr, test_idx, train_idx, meta = store.open_matrix(summary["artifacts"]["influences"],
+                                                       expect={"dataset": "digits", "method": "cg"})
+    assert arr.shape == (12, summary["influence/n_train"]) and np.isfinite(arr[:]).all()
+    assert len(set(test_idx)) == 12 and len(set(train_idx)) == arr.shape[1]
+    values, idx, si_meta = load_indexed(summary["artifacts"]["self_influence"], expect={"method": "cg"})
+    assert np.array_equal(idx, train_idx) and (values > 0).all()  # <g, (H + lambda)^-1 g> with a PD curvature
+
+
+def test_dask_variant_gives_the_sequential_matrix(tmp_path):
+    over = [*SMALL, "influence=ekfac", "influence.self_influence=false", "influence.test_chunk=5",
+            "influence.train_chunk=200"]
+    seq = run_job(tmp_path / "seq", over)
+    dsk = run_job(tmp_path / "dask", [*over, "influence.calculator=dask", "influence.dask_processes=false"])
+    a = store.open_matrix(seq["artifacts"]["influences"])
+    b = store.open_matrix(dsk["artifacts"]["influences"])
+    np.testing.assert_allclose(b[0][:], a[0][:], rtol=1e-8, atol=1e-10)
+    assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
+    assert dsk["lds/mean"] == pytest.approx(seq["lds/mean"])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["influence.method=nope"], "unknown influence method"),
+    (["+influence.regularisation=1"], "bad influence config"),
+    (["influence.calculator=spark"], "sequential' or 'dask"),
+    (["influence.params.rank=-1", "influence=arnoldi"], "rank must be >= 1"),
+])
+def test_bad_configs_fail_clearly(tmp_path, overrides, match):
+    from datamatters.tasks.influence import run
+
+    cfg = compose_cfg([f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *SMALL, *overrides])
+    with pytest.raises(UserError, match=match):
+        run(cfg)
+
+
+def test_no_method_selected_is_a_clear_error(tmp_path):
+    from datamatters.tasks.influence import settings
+
+    with pytest.raises(UserError, match="no influence method selected"):
+        settings(compose_cfg(["task=influence", "paths.output_dir=/tmp/x"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_runs_as_a_job(tmp_path, method):
+    summary = run_job(tmp_path, [*SMALL, f"influence={method}", "influence.params.maxiter=50"
+                                 if method == "lissa" else "influence.dtype=float64"])
+    assert np.isfinite(summary["lds/mean"]) and np.isfinite(summary["noisy/auc"])
