@@ -76,9 +76,10 @@ def sweep_cmd(sweep_dir: Path, overrides: list[str], launcher: str = "slurm", sc
             *FAST_JOB, *overrides]
 
 
-def sweep(cluster: Cluster, sweep_dir: Path, overrides: list[str], timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+def sweep(cluster: Cluster, sweep_dir: Path, overrides: list[str], timeout: int = 600, env: dict | None = None,
+          **kw) -> subprocess.CompletedProcess:
     """Run a Hydra multirun through the submitit launcher and wait for it (the launcher blocks until the array ends)."""
-    env = {**cluster.env, "LOG_DIR": str(sweep_dir.parent / "logs")}
+    env = {**cluster.env, "LOG_DIR": str(sweep_dir.parent / "logs"), **(env or {})}
     return subprocess.run(sweep_cmd(sweep_dir, overrides, **kw), cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

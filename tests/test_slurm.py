@@ -1,9 +1,12 @@
 """Sweeps against a real single-node SLURM cluster through Hydra's submitit launcher (hydra/launcher=slurm): a multirun
 completes, requeued and preempted jobs resume from their checkpoints, and a failing job's error reaches the sweep."""
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import run_job
@@ -87,3 +90,58 @@ def test_a_failing_job_reports_its_error_in_the_sweep_output(slurm_cluster, tmp_
     assert "trainer.max_epochs must be >= 1, got 0" in res.stderr, res.stderr[-3000:]
     assert "Error executing job with overrides" in res.stderr and "trainer.max_epochs=0" in res.stderr
     assert _summary(sweep_dir / "1")["trainer/steps"] > 0  # the other job of the array still finished
+
+
+def test_datamodels_sweep_fills_one_store(slurm_cluster, tmp_path):
+    """The datamodels training stage as a SLURM array: 2 jobs x 50 models write their rows of one shared store."""
+    from datamatters.datamodels.store import open_store
+
+    root = tmp_path / "dm"
+    res = sweep(slurm_cluster, tmp_path / "sweep", [
+        "+experiment=digits_datamodels", "task=datamodels_train", "datamodels.jobs=range(0,2)",
+        "datamodels.models_per_job=50", "datamodels.num_models=100", "datamodels.epochs=2", f"datamodels.root={root}",
+        "hydra.launcher.name=dm_datamodels"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    store = open_store(root / "store", mode="r")
+    assert store.completed.all() and len(store.completed) == 100
+    assert 0.4 < float(np.asarray(store["masks"]).mean()) < 0.6  # alpha = 0.5 subsets
+    assert np.isfinite(np.asarray(store["margins"])).all()
+    trained = [json.loads((tmp_path / "sweep" / str(j) / "summary.json").read_text())["models/trained"] for j in range(2)]
+    assert trained == [50, 50]  # each row written exactly once, by its own job
+
+
+def test_ddp_job_runs_as_two_slurm_tasks(slurm_cluster, tmp_path):
+    """Multi-device training on SLURM: with trainer=ddp the preset asks for one task per device and Lightning takes
+    its ranks from SLURM (no process spawning); gloo on CPU here, NCCL on GPUs with slurm_gpu."""
+    sweep_dir = tmp_path / "sweep"
+    res = sweep(slurm_cluster, sweep_dir, ["trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=160",
+                                           "trainer.max_epochs=3", "irreducible.max_epochs=3",
+                                           "logger.wandb.enabled=true", "hydra.launcher.name=dm_ddp"])
+    assert res.returncode == 0, res.stderr[-4000:]
+    (task_dir,) = [p for p in (sweep_dir / ".submitit").iterdir() if p.is_dir()]
+    assert len(list(task_dir.glob("*_result.pkl"))) == 2  # two SLURM tasks ran the job
+    s = _summary(sweep_dir / "0")
+    assert s["trainer/steps"] == 6 and s["trainer/examples_seen"] == 3 * 62  # totals gathered from both ranks
+    run_id = (sweep_dir / "0" / "wandb_id.txt").read_text().strip()
+    assert Path(s["wandb/run_dir"]).name.endswith(run_id)  # rank 0 logged under the id it stored; rank 1 did not race
+
+
+def test_singularity_preset_runs_the_job_through_the_container_command(slurm_cluster, tmp_path):
+    """hydra/launcher=slurm_singularity on the real cluster, with a stand-in `singularity` (none is installed here)
+    that records its arguments and runs the command it was given, as `singularity exec` does inside the image."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "singularity_calls.txt"
+    bin_dir.mkdir()
+    fake = bin_dir / "singularity"
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\n[ "$1" = exec ] || exit 3\nshift\n'
+                    + 'while [ $# -gt 0 ] && [ "${1%.sif}" = "$1" ]; do shift; done\nshift\nexec "$@"\n')
+    fake.chmod(0o755)
+    image = tmp_path / "datamatters.sif"
+    env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", "DM_IMAGE": str(image),
+           "DM_SINGULARITY_ARGS": f"--nv --bind {ROOT}"}
+    sweep_dir = tmp_path / "sweep"
+    res = sweep(slurm_cluster, sweep_dir, ["task=classifier", "trainer.max_epochs=1", "hydra.launcher.gpus_per_node=null",
+                                           "hydra.launcher.name=dm_sif"], env=env, launcher="slurm_singularity")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert _summary(sweep_dir / "0")["trainer/steps"] == 2
+    (call,) = calls.read_text().splitlines()
+    assert call.startswith(f"exec --nv --bind {ROOT} {image} python -u -m submitit.core._submit ")
