@@ -10,9 +10,11 @@ import cost on both sides. pyDVL is timed twice: through its ``SequentialInfluen
 as ours (its documented way to build a matrix), and as one in-memory ``influences(x_test, y_test, x, y)`` call (its
 fastest path, when everything fits in memory).
 
-    python benchmarks/influence_vs_pydvl.py [--quick] [--reps 2] [--methods direct cg arnoldi ekfac]
+    python benchmarks/influence_vs_pydvl.py [--quick] [--reps 2] [--methods direct cg arnoldi ekfac cg_all]
+    python benchmarks/influence_vs_pydvl.py --evaluate   # all 8 methods on digits: LDS, noisy AUC, vs Direct
 
-Writes ``benchmarks/results/influence_vs_pydvl.json`` (and prints a markdown table).
+Writes ``benchmarks/results/influence_vs_pydvl.json`` (and prints a markdown table), or
+``benchmarks/results/influence_digits_methods.json`` with ``--evaluate``.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ import json
 import os
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OURS_PY = ROOT / ".venv" / "bin" / "python"
 REF_PY = ROOT / ".venv-ref" / "bin" / "python"
 METHODS = ("direct", "cg", "arnoldi", "ekfac")
-OURS_ONLY = ("cg_all",)  # CG on every test point: pyDVL's one-by-one CG would take hours here
+OURS_ONLY = ("cg_plain", "cg_all")  # row-by-row CG like pyDVL's; CG on every test point (pyDVL: hours)
 
 
 # ---- the shared problem (built once, by our side) --------------------------------------------------------------
@@ -70,7 +71,6 @@ def _mlp():
 
 def _load(work: Path):
     import torch
-    from torch.utils.data import DataLoader, TensorDataset
 
     z = np.load(work / "data.npz")
     model = _mlp().double()
@@ -94,9 +94,10 @@ def _ours(method: str, model, loss, cfg: dict):
     lam = cfg["regularization"]
     if method == "direct":
         return DirectInfluence(model, loss, regularization=lam)
-    if method in ("cg", "cg_all"):
-        # per-row ||r_j|| <= max(rtol ||b_j||, atol) with rtol = atol = cg_tol
-        return CgInfluence(model, loss, regularization=lam, rtol=cfg["cg_tol"], atol=cfg["cg_tol"])
+    if method in ("cg", "cg_all", "cg_plain"):
+        # per-row ||r_j|| <= max(rtol ||b_j||, atol) with rtol = atol = cg_tol; default block CG
+        return CgInfluence(model, loss, regularization=lam, rtol=cfg["cg_tol"], atol=cfg["cg_tol"],
+                           block_cg=method != "cg_plain")
     if method == "arnoldi":
         return ArnoldiInfluence(model, loss, regularization=lam, rank=cfg["rank"], tol=cfg["arnoldi_tol"])
     return EkfacInfluence(model, loss, regularization=lam, update_diagonal=True)
@@ -126,7 +127,7 @@ def run_side(side: str, method: str, work: Path, cfg: dict, out: Path) -> None:
         torch.set_default_dtype(torch.float64)  # pyDVL's EK-FAC allocates its factors in the default dtype
     model, t = _load(work)
     loss = torch.nn.functional.cross_entropy
-    n_test = cfg["n_test_cg"] if method == "cg" else len(t["Xt"])
+    n_test = cfg["n_test_cg"] if method in ("cg", "cg_plain") else len(t["Xt"])
     t = {**t, "Xt": t["Xt"][:n_test], "yt": t["yt"][:n_test]}
     train, test = _loaders(t, cfg["train_chunk"], cfg["test_chunk"])
     make = _ours if side == "ours" else _pydvl
@@ -157,7 +158,7 @@ def run_side(side: str, method: str, work: Path, cfg: dict, out: Path) -> None:
                 aggregator=NestedTorchCatAggregator())
         res[f"{mode}_s"] = time.perf_counter() - t0
         np.save(out.with_name(f"{out.stem}_{mode}.npy"), M.detach().cpu().numpy())
-    if side == "ours" and method in ("cg", "cg_all"):
+    if side == "ours" and method in ("cg", "cg_all", "cg_plain"):
         info = inf.last_info["full"]
         res["cg_iterations_max"] = int(info["iterations"].max())
         res["cg_converged"] = bool(info["converged"].all())
@@ -188,7 +189,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke run)")
     ap.add_argument("--cfg", type=str, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--evaluate", action="store_true",
+                    help="instead: every method on digits (LDS, noisy-label AUC, agreement with Direct)")
     a = ap.parse_args()
+    if a.evaluate:
+        evaluate_methods(a.out.with_name("influence_digits_methods.json"), threads=a.threads)
+        return
     if a.side:  # child process
         run_side(a.side, a.method, a.work, json.loads(a.cfg), a.out)
         return
@@ -225,6 +231,10 @@ def main() -> None:
         best = lambda side, key: min(r[key] for r in runs[m][side] if key in r)  # noqa: E731
         o_total = best("ours", "fit_s") + best("ours", "calculator_s")
         entry = {"ours": runs[m]["ours"], "pydvl": runs[m]["pydvl"], "ours_total_s": o_total}
+        if m == "cg_plain" and "cg" in results and "pydvl_one_shot_total_s" in results["cg"]:
+            entry["speedup_vs_pydvl_one_shot"] = results["cg"]["pydvl_one_shot_total_s"] / o_total
+            entry["agreement_vs_cg"] = {"rel_error": _rel(ours, np.load(a.work / "cg_ours_calculator.npy")),
+                                        "pearson": _corr(ours, np.load(a.work / "cg_ours_calculator.npy"))}
         if m == "cg_all" and "cg" in results and "pydvl_one_shot_total_s" in results["cg"]:
             per_row = results["cg"]["pydvl_one_shot_total_s"] / results["cg"]["ours"][0]["n_test"]
             entry["pydvl_one_shot_extrapolated_s"] = per_row * ours.shape[0]
@@ -261,6 +271,78 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=2))
     print(table(doc))
+
+
+def evaluate_methods(out: Path, num_models: int = 100, threads: int = 1) -> dict:
+    """Every method of this engine on one digits model (10% label noise): LDS on the same held-out subset models,
+    noisy-label AUC from self-influence, agreement with Direct, timings. Writes ``influence_digits_methods.json``."""
+    import torch
+
+    from datamatters.data.digits import DigitsDataModule
+    from datamatters.influence import METHODS, evaluate
+    from datamatters.influence.calculators import SequentialInfluenceCalculator
+    from datamatters.models import build_model
+    from datamatters.training.ensemble import train_ensemble
+
+    torch.set_num_threads(threads)
+    dm = DigitsDataModule(label_noise={"kind": "uniform", "pc_corrupted": 0.1})
+    dm.setup()
+    _, X, y = dm.dataset("train").tensors()
+    _, Xt, yt = dm.dataset("test").tensors()
+    Xt, yt = Xt[:100], yt[:100]
+    arch = build_model("mlp", dm.input_shape, dm.num_classes, hidden=[32])
+    recipe = dict(epochs=60, batch_size=64, lr=0.01, weight_decay=1e-3, optimizer="adam")
+    params = train_ensemble(arch, X, y, np.ones((1, len(y)), dtype=bool), seed=0, **recipe)
+    import copy
+
+    model = copy.deepcopy(arch)
+    model.load_state_dict({k: v[0] for k, v in params.items()})
+    model = model.double().eval()
+    t0 = time.perf_counter()
+    masks, margins = evaluate.heldout_margins(arch, X, y, Xt, yt, num_models=num_models, alpha=0.5, seed=1,
+                                              **recipe)
+    heldout_s = time.perf_counter() - t0
+    Xd, Xtd = X.double(), Xt.double()
+    train = [(Xd[s:s + 256], y[s:s + 256]) for s in range(0, len(y), 256)]
+    test = [(Xtd[s:s + 128], yt[s:s + 128]) for s in range(0, len(yt), 128)]
+    settings = {
+        "direct": {"regularization": 0.01},
+        "cg": {"regularization": 0.01},
+        "lissa": {"regularization": 0.01, "scale": 10.0, "maxiter": 300, "repetitions": 4},
+        "arnoldi": {"regularization": 0.01, "rank": 10},
+        "arnoldi_woodbury": {"regularization": 0.01, "rank": 10, "use_woodbury": True},
+        "ekfac": {"regularization": 0.01, "update_diagonal": True},
+        "nystroem": {"regularization": 0.01, "rank": 64},
+        "datainf": {"regularization": "auto", "block_structure": "layer_wise"},
+        "trak": {"regularization": 1e-3, "projection_dim": 512},
+    }
+    loss = torch.nn.functional.cross_entropy
+    res, ref = {}, None
+    for name, kw in settings.items():
+        cls = METHODS[name.split("_")[0]]
+        t0 = time.perf_counter()
+        inf = cls(model, loss, **kw).fit(train)
+        fit_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        M = SequentialInfluenceCalculator(inf).influences(test, train).to_numpy()
+        matrix_s = time.perf_counter() - t0
+        si = SequentialInfluenceCalculator(inf).self_influences(train).numpy()
+        lds = evaluate.lds_of(M, masks, margins)
+        ref = M if name == "direct" else ref
+        res[name] = {"settings": {k: v for k, v in kw.items()}, "fit_s": fit_s, "matrix_s": matrix_s,
+                     "lds_mean": lds["mean"], "lds_ci": [lds["ci_low"], lds["ci_high"]],
+                     "noisy_auc": evaluate.self_influence_auc(si, dm.is_corrupted)["auc"],
+                     "vs_direct": evaluate.agreement(M, ref)}
+        print(name, {k: v for k, v in res[name].items() if k != "settings"}, flush=True)
+    doc = {"benchmark": "influence_digits_methods",
+           "problem": {"data": "sklearn digits, 10% uniform label noise on train", "model": "MLP 64-32-10 (ReLU), float64 for "
+                       "influence", "n_train": int(len(y)), "n_test": int(len(yt)),
+                       "heldout_models": num_models, "alpha": 0.5, "train_recipe": recipe,
+                       "heldout_training_s": heldout_s},
+           "protocol": "one process, one BLAS thread, shared noisy 2-core machine; LDS with 1000 bootstrap CI",
+           "results": res}
+    out.write_text(json.dumps(doc, indent=2, default=float))
+    return doc
 
 
 def table(doc: dict) -> str:

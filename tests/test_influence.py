@@ -256,6 +256,11 @@ def test_cg_solvers_on_an_explicit_matrix():
         X, info = solver(lambda V: V @ A, B, rtol=1e-10, atol=0.0, maxiter=500)
         assert torch.allclose(X, torch.linalg.solve(A, B.T).T, rtol=1e-6, atol=1e-8)
         assert bool(info["converged"].all())
+    # indefinite: both stop the rows that meet negative curvature and say so, without losing any row
+    Aind = (Q * torch.linspace(-1, 2, 30, dtype=torch.float64)) @ Q.T
+    for solver in (batched_cg, block_cg):
+        X, info = solver(lambda V: V @ Aind, B, rtol=1e-10, atol=0.0, maxiter=500)
+        assert X.shape == B.shape and torch.isfinite(X).all() and bool(info["breakdown"].any())
 
 
 # ---- EK-FAC against independent formulas --------------------------------------------------------------------

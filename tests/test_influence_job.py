@@ -43,7 +43,8 @@ def test_every_method_has_a_config_that_builds_its_model():
 
 
 def test_digits_job_writes_matrix_self_influence_and_summary(tmp_path):
-    summary = run_job(tmp_path, [*SMALL, "influence=cg", "influence.curvature=gauss_newton"])
+    summary = run_job(tmp_path, [*SMALL, "influence=cg", "influence.curvature=gauss_newton",
+                                 "influence.params.materialize=true"])
     for key in ("lds/mean", "lds/ci_low", "noisy/auc", "noisy/f1", "test/acc", "time/fit_s", "time/matrix_s",
                 "time/self_influence_s", "time/lds_models_s"):
         assert np.isfinite(summary[key]), key
@@ -95,3 +96,40 @@ def test_every_method_runs_as_a_job(tmp_path, method):
     summary = run_job(tmp_path, [*SMALL, f"influence={method}", "influence.params.maxiter=50"
                                  if method == "lissa" else "influence.dtype=float64"])
     assert np.isfinite(summary["lds/mean"]) and np.isfinite(summary["noisy/auc"])
+
+
+def _datamodels_eval_store(tmp_path, noise: float, n_models: int = 5):
+    """A datamodels eval store made by the datamodels code itself (its spec and metadata), filled with random rows."""
+    from datamatters.datamodels import initialize_store
+    from datamatters.tasks.building import build_datamodule
+    from datamatters.tasks.datamodels_common import store_spec
+
+    cfg = compose_cfg(["+experiment=digits_datamodels", f"datamodels.num_eval_models={n_models}",
+                       f"data.label_noise.pc_corrupted={noise}", f"paths.log_dir={tmp_path}",
+                       f"paths.output_dir={tmp_path}/dm"])
+    dm = build_datamodule(cfg)
+    spec = store_spec(cfg, dm, "eval")
+    st = initialize_store(tmp_path / f"eval_store_{noise}", spec)
+    rng = np.random.default_rng(0)
+    n, T = spec.shape("masks")[0], spec.shape("margins")[0]
+    st.write_rows(list(range(n_models)), {"masks": rng.random((n_models, n)) < 0.5,
+                                          "margins": rng.normal(size=(n_models, T)).astype(np.float32)})
+    return st
+
+
+def test_lds_on_the_held_out_models_of_a_datamodels_store(tmp_path):
+    from datamatters.evaluation.metrics import lds_from_scores
+
+    st = _datamodels_eval_store(tmp_path, noise=0.1)
+    summary = run_job(tmp_path / "run", [*SMALL, "influence=trak", "influence.self_influence=false",
+                                         f"influence.lds.store={st.path}"])
+    M = store.open_matrix(summary["artifacts"]["influences"])[0][:]
+    want = lds_from_scores(M, np.asarray(st["masks"]), np.asarray(st["margins"])[:, :12], n_boot=50, seed=0)
+    assert summary["lds/num_models"] == 5 and summary["lds/mean"] == pytest.approx(want["mean"])
+    other = _datamodels_eval_store(tmp_path, noise=0.0)  # other labels on the train split: not the same models
+    from datamatters.tasks.influence import run
+
+    cfg = compose_cfg([f"paths.log_dir={tmp_path}/bad", f"paths.output_dir={tmp_path}/bad/run", *SMALL,
+                       "influence=trak", f"influence.lds.store={other.path}"])
+    with pytest.raises(UserError, match="train_labels"):
+        run(cfg)

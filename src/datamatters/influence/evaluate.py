@@ -74,8 +74,10 @@ def heldout_margins(model: nn.Module, X_train, y_train, X_test, y_test, *, num_m
 
 def margins_from_store(path: str | Path, n_train: int, n_test: int,
                        expect: Mapping[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``(masks, margins)`` of the completed rows of a datamodels store, so influence, TRAK and datamodels are scored
-    on the same held-out models. Shapes must match this run's train and test sets; ``expect`` metadata too."""
+    """``(masks, margins)`` of the completed rows of a datamodels store (e.g. its ``eval_store``), so influence, TRAK
+    and datamodels are scored on the same held-out models. The store's train points must be this run's train split
+    (``n_train`` columns) and its targets must start with this run's ``n_test`` test points; ``expect`` entries
+    (dataset, split checksums...) must match the store's metadata where it records them."""
     from datamatters.datamodels import open_store
 
     st = open_store(path, mode="r")
@@ -85,12 +87,13 @@ def margins_from_store(path: str | Path, n_train: int, n_test: int,
     for key, want in (expect or {}).items():
         have = st.spec.meta.get(key)
         if have is not None and str(have) != str(want):
-            raise UserError(f"datamodel store {path} was made for {key}={have!r}, this run has {want!r}")
+            raise UserError(f"datamodel store {path} was made for {key}={have!r}, this run has {want!r} (same data, "
+                            "split, label noise and seed are needed to share held-out models)")
     rows = st.completed_rows()
     if len(rows) < 2:
         raise UserError(f"datamodel store {path} has {len(rows)} completed models; LDS needs at least 2")
     masks, margins = np.asarray(st["masks"][rows]), np.asarray(st["margins"][rows])
-    if masks.shape[1] != n_train or margins.shape[1] != n_test:
+    if masks.shape[1] != n_train or margins.shape[1] < n_test:
         raise UserError(f"datamodel store {path} is for {masks.shape[1]} train points and {margins.shape[1]} targets, "
                         f"but this run has {n_train} train and {n_test} test points")
-    return masks.astype(bool), margins.astype(np.float64)
+    return masks.astype(bool), margins[:, :n_test].astype(np.float64)

@@ -127,6 +127,18 @@ def _train(template, X, y, masks, t: DictConfig, seed: int):
                           weight_decay=t.weight_decay, optimizer=t.optimizer, seed=seed)
 
 
+def _store_expect(dm) -> dict:
+    """What a datamodels store's metadata must say to share its held-out models with this run."""
+    from datamatters.artifacts import array_checksum
+
+    out = {"dataset": dm.name, "data_seed": dm.seed}
+    for role, split in (("train", "train"), ("target", "test")):
+        out[f"{role}_indices"] = array_checksum(np.asarray(dm.split_indices(split)))
+        out[f"{role}_labels"] = array_checksum(np.asarray(dm.split_targets(split)))
+    out["train_split"], out["target_split"] = "train", "test"
+    return out
+
+
 def _client(s: DictConfig):
     """A distributed client: the given scheduler, or a LocalCluster with one thread per worker."""
     from distributed import Client, LocalCluster
@@ -226,7 +238,7 @@ def run(cfg: DictConfig) -> dict:
 
         t = time.perf_counter()
         if s.lds.store:
-            masks, margins = evaluate.margins_from_store(s.lds.store, len(tr[2]), len(te[2]), {"dataset": dm.name})
+            masks, margins = evaluate.margins_from_store(s.lds.store, len(tr[2]), len(te[2]), _store_expect(dm))
         else:
             masks, margins = evaluate.heldout_margins(template, tr[1].float(), tr[2], te[1].float(), te[2],
                                                       num_models=s.lds.num_models, alpha=s.lds.alpha,
