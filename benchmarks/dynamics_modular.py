@@ -129,6 +129,12 @@ def analyse(variant_dir: Path, out_dir: Path, n_jobs: int = -1, covariance_type:
     acc = paths.groupby("state")[["train_acc", "val_acc"]].mean()
     conv = pd.read_csv(out_dir / "convergence.csv")
     by_k = pd.read_csv(out_dir / "hmm" / "selection.csv")
+    # extra (not the reference's): does the number of checkpoints spent in a state track convergence time?
+    dwell = paths.groupby(["run", "state"]).size().unstack(fill_value=0).reindex(conv["run"]).fillna(0)
+    from datamatters.dynamics.analysis import pearson_two_sided
+
+    dwell_rp = {int(k): pearson_two_sided(dwell[k].to_numpy(float), conv["convergence_step"].to_numpy(float))
+                for k in dwell.columns}
     return {
         "k_bic": metrics["hmm/k_bic"], "test_ll_per_sample": metrics["hmm/test_ll_per_sample"],
         "n_runs": metrics["hmm/n_runs"], "n_test_runs": metrics["hmm/n_test_runs"],
@@ -137,7 +143,9 @@ def analyse(variant_dir: Path, out_dir: Path, n_jobs: int = -1, covariance_type:
         "states": [{"state": int(r.state), "r": _num(r.r), "p": _num(r.p), "visited_frac": float(r.visited_frac),
                     "occupancy": float(r.occupancy), "mean_first_visit_step": _num(r.mean_first_visit_step),
                     "train_acc": float(acc.loc[r.state, "train_acc"]) if r.state in acc.index else None,
-                    "val_acc": float(acc.loc[r.state, "val_acc"]) if r.state in acc.index else None}
+                    "val_acc": float(acc.loc[r.state, "val_acc"]) if r.state in acc.index else None,
+                    "dwell_r": _num(dwell_rp.get(int(r.state), (np.nan,) * 3)[0]),
+                    "dwell_p": _num(dwell_rp.get(int(r.state), (np.nan,) * 3)[2])}
                    for r in states.itertuples(index=False)],
         "convergence_step": {"mean": float(conv.convergence_step.mean()), "min": float(conv.convergence_step.min()),
                              "max": float(conv.convergence_step.max()), "converged_frac": float(conv.converged.mean())},
