@@ -34,7 +34,7 @@ def run_job(tmp_path: Path, overrides: list[str], config_name: str = "train") ->
     return dispatch(cfg)
 
 
-def run_cli(args: list[str], tmp_path: Path, script: str = "run.py", timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], tmp_path: Path, script: str = "run.py", timeout: int = 900) -> subprocess.CompletedProcess:
     """Run an entry point as a user would (new process), logs under ``tmp_path``."""
     env = {**os.environ, "WANDB_MODE": "offline", "LOG_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True,
