@@ -189,8 +189,10 @@ def main():
             print(f"training {variant}: {len(seeds)} seeds")
             sec = train_seeds(seeds, out, p=args.p, frac=args.frac, d_model=args.d_model, d_mlp=args.d_mlp,
                               layernorm=variant == "layernorm", lr=args.lr, weight_decay=args.weight_decay,
-                              betas=(0.9, args.beta2), steps=args.steps, record_every=args.record_every, batch_size=args.batch_size or None)
-            (out / f"train_seconds_{seeds[0]}_{seeds[-1]}.json").write_text(json.dumps({"seconds": sec, "seeds": seeds}))
+                              betas=(0.9, args.beta2), steps=args.steps, record_every=args.record_every,
+                              batch_size=args.batch_size or None)
+            (out / f"train_seconds_{seeds[0]}_{seeds[-1]}.json").write_text(
+                json.dumps({"seconds": sec, "seeds": seeds}))
         for cov in args.covariance_types.split(","):
             res = analyse(out, args.out / f"{variant}_{cov}_analysis", n_jobs=args.n_jobs, covariance_type=cov)
             res["train_seconds"] = {f.stem: json.loads(f.read_text())["seconds"]

@@ -62,8 +62,9 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     res = {"method": "same run with/without the callback, interleaved (with, without) x repeats, one torch thread; "
-                     "shared 2-core machine, so wall-clock differences are noisy; process CPU time is robust to the other jobs' load, "
-                     "and the callback's own timer (stat_seconds, time inside record()) is the direct measure", "settings": {}}
+                     "shared 2-core machine, so wall-clock differences are noisy; process CPU time is less sensitive to "
+                     "the other jobs' load, and the callback's own timer (stat_seconds, time inside record()) is the "
+                     "direct measure", "settings": {}}
     for name, s in SETTINGS.items():
         w_on, w_off, c_on, c_off, inside, n_rec = [], [], [], [], [], 0
         for r in range(args.repeats):

@@ -1,8 +1,8 @@
 """``WeightStatsRecorder``: a Lightning callback that records weight statistics on any run of the framework.
 
 Every ``every_n_steps`` optimizer steps (or at the end of every ``every_n_epochs``-th epoch, the epochs after which
-Lightning validates with ``check_val_every_n_epoch = n``; the reference recorded after epochs 0, n, 2n, ...) it appends one row to ONE table per run: ``step``, ``epoch``, the 14
-statistics of ``dynamics.stats``, ``train_loss``/``train_acc``/``val_loss``/``val_acc`` read from
+Lightning validates with ``check_val_every_n_epoch = n``; the reference recorded after epochs 0, n, 2n, ...) it
+appends one row to ONE table per run: ``step``, ``epoch``, the 14 statistics of ``dynamics.stats``, ``train_loss``/``train_acc``/``val_loss``/``val_acc`` read from
 ``trainer.callback_metrics`` (so it works for the plain classifier, RHO-LOSS's manual optimisation and datamodels
 runs alike), every other scalar logged metric under its own name, and the ``tags`` (seed, config hash, ...). The table
 is written as parquet through a temporary file (so a killed job leaves a readable table), and a resumed job keeps

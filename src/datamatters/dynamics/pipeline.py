@@ -118,7 +118,8 @@ def analyse_runs(runs: str | Path | Sequence[str | Path], out_dir: str | Path,
     pd.DataFrame({"run": names, "convergence_step": conv, "converged": converged}).to_csv(
         out / "convergence.csv", index=False)
     write_json(out / "hmm" / "chosen.json", {
-        "k": k, "k_bic": sel.k_bic, "restart": sel.kept[k], "model": str(out / "hmm" / "models" / f"k{k}_r{sel.kept[k]}.npz"),
+        "k": k, "k_bic": sel.k_bic, "restart": sel.kept[k],
+        "model": str(out / "hmm" / "models" / f"k{k}_r{sel.kept[k]}.npz"),
         "transmat": params.transmat, "startprob": params.startprob, "features": list(rs.features),
         "options": _jsonable(asdict(opts)), "runs": names, "test_runs": [rs.names[i] for i in rs.test],
         "dropped_runs": rs.dropped,

@@ -31,7 +31,10 @@ def find_run_tables(runs: str | Path | Sequence[str | Path], filename: str = TAB
     found: set[Path] = set()
     for item in items:
         item = str(item)
-        matches = [Path(p) for p in sorted(globlib.glob(item, recursive=True))] if globlib.has_magic(item) else [Path(item)]
+        if globlib.has_magic(item):
+            matches = [Path(p) for p in sorted(globlib.glob(item, recursive=True))]
+        else:
+            matches = [Path(item)]
         for m in matches:
             if m.is_dir():
                 found.update(m.rglob(filename))
