@@ -77,8 +77,11 @@ def test_bad_settings_are_clear_errors(tmp_path):
         WeightStatsRecorder(out_dir=tmp_path)
     with pytest.raises(UserError, match="exactly one"):
         WeightStatsRecorder(every_n_steps=1, every_n_epochs=1, out_dir=tmp_path)
-    with pytest.raises(UserError, match=">= 1"):
-        WeightStatsRecorder(every_n_steps=0, out_dir=tmp_path)
+    for bad in (0, 1.5, "abc", True):
+        with pytest.raises(UserError, match=">= 1"):
+            WeightStatsRecorder(every_n_steps=bad, out_dir=tmp_path)
+    with pytest.raises(UserError, match="unknown settings"):
+        WeightStatsRecorder(every_n_steps=1, every_n_step=2, out_dir=tmp_path)
     with pytest.raises(UserError, match="unknown extras"):
         WeightStatsRecorder(every_n_steps=1, extras=["hessian"], out_dir=tmp_path)
 

@@ -102,6 +102,9 @@ def test_bad_input_gives_one_clear_message(tmp_path, capsys, demo):
     err = _error_of(tmp_path, [*base, f"dynamics.runs={runs}", "dynamics.k_max=40"], capsys)
     assert "free parameters" in err and "k_max=40" in err
     assert "normalize" in _error_of(tmp_path, [*base, f"dynamics.runs={runs}", "dynamics.normalize=zz"], capsys)
+    assert "must be int" in _error_of(tmp_path, [*base, f"dynamics.runs={runs}", "dynamics.k_max=abc"], capsys)
+    assert "unknown dynamics options" in _error_of(tmp_path, [*base, f"dynamics.runs={runs}", "+dynamics.kmax=3"],
+                                                   capsys)
     nan_run = tmp_path / "nan" / "run0"
     nan_run.mkdir(parents=True)
     df = pd.read_parquet(runs / "seed0" / "weight_stats.parquet")

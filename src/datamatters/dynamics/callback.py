@@ -58,13 +58,17 @@ class WeightStatsRecorder(L.Callback):
                  include: Iterable[str] | None = None, exclude: Iterable[str] | None = DEFAULT_EXCLUDE,
                  exclude_types: Iterable[str] | None = DEFAULT_EXCLUDE_TYPES,
                  extras: Iterable[str] | Mapping[str, bool] | None = None, out_dir: str | Path | None = None,
-                 tags: Mapping[str, Any] | None = None, filename: str = TABLE_NAME, flush_every: int = 25):
+                 tags: Mapping[str, Any] | None = None, filename: str = TABLE_NAME, flush_every: int = 25,
+                 **unknown: Any):
+        if unknown:
+            raise UserError(f"dynamics recorder: unknown settings {sorted(unknown)}; known: every_n_steps, "
+                            "every_n_epochs, include, exclude, exclude_types, extras, filename, flush_every")
         if (every_n_steps is None) == (every_n_epochs is None):
             raise UserError("dynamics recorder: set exactly one of every_n_steps or every_n_epochs "
                             f"(got every_n_steps={every_n_steps}, every_n_epochs={every_n_epochs})")
         n = every_n_steps if every_n_steps is not None else every_n_epochs
-        if int(n) < 1:
-            raise UserError(f"dynamics recorder: the recording interval must be >= 1, got {n}")
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or int(n) != n or int(n) < 1:
+            raise UserError(f"dynamics recorder: the recording interval must be a whole number >= 1, got {n!r}")
         self.by_steps = every_n_steps is not None
         self.every = int(n)
         self.include, self.exclude = include, exclude

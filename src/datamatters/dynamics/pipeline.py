@@ -68,6 +68,18 @@ class HMMOptions:
             d["features"] = tuple(d["features"])
         else:
             d.pop("features", None)
+        for name, typ in (("k_max", int), ("restarts", int), ("n_iter", int), ("seed", int), ("split_seed", int),
+                          ("n_jobs", int), ("tol", float), ("min_covar", float), ("test_fraction", float),
+                          ("alpha", float)):
+            if name in d:
+                try:
+                    ok = typ(d[name]) == d[name] and not isinstance(d[name], (bool, str))
+                except (TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise UserError(f"dynamics.{name} must be {typ.__name__}, got {d[name]!r}")
+        if not 0 <= float(d.get("test_fraction", 0.2)) < 1:
+            raise UserError(f"dynamics.test_fraction must be in [0, 1), got {d['test_fraction']}")
         return cls(**d)
 
 
