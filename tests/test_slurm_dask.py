@@ -1,6 +1,6 @@
 """dask for valuation/influence: the valuation job on a dask LocalCluster (worker processes) gives the values it gives
 in-process; the dask-jobqueue SLURMCluster config makes a worker job script; on the SLURM cluster, workers started
-as SLURM jobs by scripts/dask_cluster.py run a valuation and go away when it stops."""
+as SLURM jobs by scripts/dask_cluster.py run a valuation and the influence job, and go away when it stops."""
 import importlib.util
 import signal
 import subprocess
@@ -63,7 +63,7 @@ def test_dask_workers_as_slurm_jobs_run_a_valuation(slurm_cluster, tmp_path):  #
 
     address_file, name = tmp_path / "scheduler_address", "dm-dask-test"
     proc = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "dask_cluster.py"), "jobs=1", "cores=1",
-                             "processes=1", "memory=1GB", "walltime=00:15:00", f"job_name={name}",
+                             "processes=1", "memory=3GB", "walltime=00:15:00", f"job_name={name}",
                              f"log_directory={tmp_path}/logs", f"address_file={address_file}",
                              "scheduler_options.dashboard_address=null"],
                             cwd=tmp_path, env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -71,7 +71,7 @@ def test_dask_workers_as_slurm_jobs_run_a_valuation(slurm_cluster, tmp_path):  #
     try:
         address = wait_for(lambda: address_file.is_file() and address_file.read_text().strip(), 120,
                            "the scheduler address")
-        assert [st for st, _ in slurm_cluster.jobs(name).values()]  # a worker job is queued or running
+        wait_for(lambda: slurm_cluster.jobs(name), 60, "the worker's SLURM job", poll=0.5)  # submitted asynchronously
         rng = np.random.default_rng(0)
         centers = rng.normal(scale=2, size=(3, 4))
         y, yt = rng.integers(0, 3, 16), rng.integers(0, 3, 30)
@@ -88,6 +88,17 @@ def test_dask_workers_as_slurm_jobs_run_a_valuation(slurm_cluster, tmp_path):  #
             workers = client.scheduler_info()["workers"]
             assert len(workers) == 1
             np.testing.assert_array_equal(values(), values(dask_address=address))
+        # the influence job with influence.dask_address: the test x train matrix computed on the SLURM worker
+        over = ["+experiment=digits_influence", "influence=ekfac", "model.hidden=[6]", "influence.num_test=6",
+                "influence.train.epochs=2", "influence.self_influence=false", "influence.lds.num_models=4",
+                "influence.lds.n_boot=20", "influence.test_chunk=3", "influence.train_chunk=256",
+                "logger.wandb.enabled=false"]
+        seq = run_job(tmp_path / "seq", over)
+        on_slurm = run_job(tmp_path / "dask", [*over, "influence.calculator=dask", f"influence.dask_address={address}"])
+        from datamatters.influence import store
+
+        a, b = store.open_matrix(seq["artifacts"]["influences"]), store.open_matrix(on_slurm["artifacts"]["influences"])
+        np.testing.assert_allclose(b[0][:], a[0][:], rtol=1e-8, atol=1e-10)
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
