@@ -100,7 +100,7 @@ def test_miner_and_shoes_least_core():
 def test_tmc_converges_and_is_efficient():
     g = SymmetricVotingGame(6)
     r = fit(TMCShapleyValuation(g, RelativeTruncation(0.01, 0.4), is_done=MaxUpdates(3000), seed=3,
-                                batch_size=500), g)
+                                batch_size=500, prefix_block=1), g)
     assert np.all(np.abs(r.values - 1 / 6) <= 5 * r.stderr + 1e-12)
     assert np.max(r.stderr) < 0.01
     assert r.values.sum() == pytest.approx(1.0, abs=1e-9)  # permutations telescope: sum = u(N) - u(empty)

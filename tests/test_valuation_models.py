@@ -1,7 +1,6 @@
 """Model utilities (sklearn and batched torch), Data-OOB, class-wise Shapley, caching and workers."""
 import itertools
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -12,7 +11,6 @@ from sklearn.tree import DecisionTreeClassifier
 
 from datamatters.valuation import (
     Dataset,
-    ExactShapleyValuation,
     LOOValuation,
     MaxChecks,
     ModelUtility,

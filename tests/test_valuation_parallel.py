@@ -27,7 +27,7 @@ def tmc(n_jobs=1, dask_address=None):
     train, test = problem()
     u = ModelUtility(GaussianNB(), SupervisedScorer("accuracy", test), n_jobs=n_jobs, dask_address=dask_address,
                      show_warnings=False)
-    return TMCShapleyValuation(u, is_done=MaxChecks(3), seed=11, batch_size=3).fit(train).result
+    return TMCShapleyValuation(u, is_done=MaxChecks(2), seed=11).fit(train).result  # auto batch size
 
 
 def msr(n_jobs=1, dask_address=None):

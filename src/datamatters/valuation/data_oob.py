@@ -41,9 +41,9 @@ def bootstrap_rows(seed: int, b: int, n: int, m: int) -> np.ndarray:
 
 def _fit_bags(payload, bag_ids):
     """Worker task: fit one clone per bag id (single-threaded BLAS), return OOB positions and point-wise scores."""
-    from threadpoolctl import threadpool_limits
+    from datamatters.valuation.utility import limit_threads
 
-    with threadpool_limits(1):
+    with limit_threads(1):
         return [_fit_bag(*payload, b) for b in bag_ids]
 
 
@@ -97,6 +97,9 @@ class DataOOBValuation(Valuation):
                           "use more estimators or a smaller max_samples", RuntimeWarning, stacklevel=2)
             result.values[never] = np.nan
         result.status = "converged"
+        n_models = len(self.model.estimators_) if hasattr(self.model, "estimators_") else self.n_estimators
+        result.meta.update({"utility_evaluations": int(result.meta.get("utility_evaluations", 0)) + n_models,
+                            "n_estimators": n_models, "seed": self.seed})
         self._result = result
         return self
 

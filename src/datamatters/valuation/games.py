@@ -17,6 +17,9 @@ from datamatters.valuation.utility import OK, Utility
 class Game(Utility):
     """u(S) = ``score(masks)``; u(empty) = 0."""
 
+    batches_models = True
+    preferred_batch = 1024
+
     def __init__(self, n_players: int, **kw):
         super().__init__(None, default=0.0, **kw)
         self.n_players = int(n_players)

@@ -5,7 +5,8 @@ subsets S considered (all 2^n, or a uniform sample). Step 2 (pyDVL's "egalitaria
 solutions with that minimal e, take the one of least Euclidean norm. As in pyDVL, duplicate subsets are removed,
 the full set becomes the equality constraint and the empty set is dropped (``non_negative_subsidy`` adds e >= 0).
 pyDVL solves both steps with cvxpy/SCS (an approximate first-order solver); here the LP uses HiGHS and the
-minimum-norm step an exact primal active-set method started from the LP's solution (``min_norm_point``). Infeasible or unbounded problems give NaN values and status "failed".
+minimum-norm step an exact primal active-set method started from the LP's solution (``min_norm_point``).
+Infeasible or unbounded problems give NaN values and status "failed".
 """
 from __future__ import annotations
 

@@ -56,8 +56,9 @@ class TMCShapleyValuation(SemivalueValuation):
         truncation = truncation if truncation is not None else RelativeTruncation(rtol=0.01, burn_in_fraction=0.4)
         cls = AntitheticPermutationSampler if antithetic else PermutationSampler
         sampler = cls(truncation=truncation, batch_size=batch_size, seed=seed, prefix_block=prefix_block)
-        super().__init__(utility, sampler, is_done if is_done is not None else HistoryDeviation(100, 0.05) | MaxUpdates(1000), None,
-                         False, progress)
+        if is_done is None:
+            is_done = HistoryDeviation(100, 0.05) | MaxUpdates(1000)
+        super().__init__(utility, sampler, is_done, None, False, progress)
 
 
 class BanzhafValuation(SemivalueValuation):
@@ -106,7 +107,7 @@ class LOOValuation(Valuation):
         n = len(data)
         with self.utility.session():
             total = self.utility.require_fittable()
-            size = self.batch_size or max(8, self.utility.preferred_batch)
+            size = self.batch_size or max(16, self.utility.preferred_batch)
             u_minus = np.concatenate([self.utility.evaluate(~np.eye(n, dtype=bool)[s:s + size])
                                       for s in range(0, n, size)])
         result.update(np.arange(n), total - u_minus)

@@ -177,9 +177,9 @@ class ValuationResult:
         path = Path(path)
         header = {"format": "datamatters.valuation.result/1", "algorithm": self.algorithm, "status": self.status,
                   "meta": self.meta, "extra": sorted(self.extra), "names_dtype": str(self.names.dtype)}
+        names = self.names.astype(str) if self.names.dtype == object else self.names
         arrays = {"values": self.values, "variances": self.variances, "counts": self.counts,
-                  "indices": self.indices, "names": self.names.astype(str) if self.names.dtype == object else self.names,
-                  "header": np.array(json.dumps(header, default=_json_default))}
+                  "indices": self.indices, "names": names, "header": np.array(json.dumps(header, default=_json_default))}
         arrays.update({f"extra__{k}": v for k, v in self.extra.items()})
         atomic_write_bytes(path, lambda fh: np.savez(fh, **arrays))
         return path

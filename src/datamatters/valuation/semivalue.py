@@ -23,7 +23,7 @@ from datamatters.errors import UserError
 from datamatters.valuation.base import Valuation
 from datamatters.valuation.coefficients import Coefficient
 from datamatters.valuation.dataset import Dataset
-from datamatters.valuation.result import ValuationResult, chan_merge, merge_samples
+from datamatters.valuation.result import ValuationResult, merge_samples
 from datamatters.valuation.samplers.base import Sampler
 from datamatters.valuation.stopping import StoppingCriterion, check_terminates
 from datamatters.valuation.utility import Utility
@@ -114,7 +114,6 @@ class SemivalueValuation(Valuation):
                     break
                 if self.skip_converged:
                     active = ~self.is_done.converged
-        self._finish(result)
         result.meta.update(self._meta(batch_id, started, evals0, result.meta))
         self._result = result
         return self
@@ -137,9 +136,11 @@ class SemivalueValuation(Valuation):
         }
 
     def _auto_batch_size(self, n: int) -> int:
+        """From the utility alone, never from the number of workers (the batches fix which subsets are drawn):
+        set ``batch_size`` >= n_jobs yourself to keep many workers busy."""
         if self.sampler.kind == "permutation":
-            return max(1, self.utility.preferred_batch // max(n, 1))
-        return max(8, self.utility.preferred_batch)
+            return max(4, self.utility.preferred_batch // max(n, 1))
+        return max(16, self.utility.preferred_batch)
 
     def _prepare(self, result: ValuationResult, n: int) -> None:
         if self.sampler.kind == "msr":
@@ -161,9 +162,6 @@ class SemivalueValuation(Valuation):
         else:
             raise UserError(f"{self.sampler} does not sample marginals; it cannot estimate a semivalue")
 
-    def _finish(self, result: ValuationResult) -> None:
-        pass
-
     # ---- strategies -------------------------------------------------------------------------------------------
     def _process_marginals(self, idx, masks, result, n):
         B = len(idx)
@@ -175,7 +173,14 @@ class SemivalueValuation(Valuation):
 
     def _process_permutations(self, perms, result, n):
         trunc = self.sampler.truncation
-        U = prefix_utilities(perms, self.utility, trunc, self._total, self.sampler.prefix_block)
+        if self.utility.n_workers > 1 and not self.utility.batches_models:
+            # process workers: ship whole permutations (one round trip each), walk the prefixes there
+            chunks = np.array_split(perms, min(len(perms), self.utility.n_workers))
+            parts = self.utility.run_tasks(_prefixes_in_worker, [(c, trunc, self._total) for c in chunks if len(c)])
+            U = np.concatenate([p[0] for p in parts])
+            self.utility.n_evaluations += int(sum(p[1] for p in parts))
+        else:
+            U = prefix_utilities(perms, self.utility, trunc, self._total, self.sampler.prefix_block)
         prev = np.concatenate([np.full((len(perms), 1), self.utility.default), U[:, :-1]], axis=1)
         w = importance_weights(self.coefficient, self.sampler, n, np.arange(n))
         result.update(perms.ravel(), ((U - prev) * w[None, :]).ravel())
@@ -193,6 +198,14 @@ class SemivalueValuation(Valuation):
         e["out_mean"], e["out_var"], e["out_count"] = merge_samples(e["out_mean"], e["out_var"], e["out_count"],
                                                                     c, (u * w_out)[r])
         combine_msr(result)
+
+
+def _prefixes_in_worker(utility: Utility, task) -> tuple[np.ndarray, int]:
+    """Worker side of a parallel permutation batch: the prefix utilities of a chunk of permutations, one subset
+    at a time (nothing evaluated after a truncation), and how many utilities that took."""
+    perms, truncation, total = task
+    own = utility.worker_copy()  # own counters: threads of one dask worker may share the payload
+    return prefix_utilities(perms, own, truncation, total, block=1), own.n_evaluations
 
 
 def combine_msr(result: ValuationResult) -> None:
@@ -230,4 +243,4 @@ class _progress:
             self.bar.close()
 
 
-__all__ = ["SemivalueValuation", "chan_merge", "combine_msr", "importance_weights", "prefix_utilities"]
+__all__ = ["SemivalueValuation", "combine_msr", "importance_weights", "prefix_utilities"]

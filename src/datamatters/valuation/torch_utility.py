@@ -17,6 +17,8 @@ class TorchUtility(Utility):
     """``model`` is a template ``nn.Module`` (its own weights are not used); ``scorer`` must support
     ``from_logits`` (accuracy, neg_log_loss, class-wise). Training follows ``train_ensemble``'s arguments."""
 
+    batches_models = True
+
     def __init__(self, model, scorer, *, epochs: int = 20, batch_size: int = 32, lr: float = 1e-2,
                  optimizer: str = "adam", weight_decay: float = 0.0, seed: int = 0, device: str | None = None,
                  max_models: int = 256, **kw):
@@ -32,7 +34,7 @@ class TorchUtility(Utility):
 
     @property
     def preferred_batch(self) -> int:
-        return max(self.max_models, super().preferred_batch)
+        return self.max_models
 
     def _tensors(self):
         import torch

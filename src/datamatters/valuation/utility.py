@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator
 
 import numpy as np
@@ -65,12 +65,35 @@ def subset_ids(masks: np.ndarray) -> np.ndarray:
                      for k in subset_keys(masks)], dtype=np.int64)
 
 
+_CONTROLLER = None
+
+
+def limit_threads(n: int | None):
+    """Context limiting BLAS/OpenMP threads to ``n`` (no-op if None or already within it). The threadpoolctl
+    controller is built once per process: building it scans the loaded libraries (milliseconds per call)."""
+    global _CONTROLLER
+    if n is None:
+        return nullcontext()
+    if _CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _CONTROLLER = ThreadpoolController()
+    if all(lib.num_threads <= n for lib in _CONTROLLER.lib_controllers):
+        return nullcontext()
+    return _CONTROLLER.limit(limits=n)
+
+
 def _compute_chunk(utility: "Utility", masks: np.ndarray):
     return utility._compute(masks)
 
 
 class Utility:
-    """Base class. ``with_dataset(data)`` returns a copy bound to the players being valued."""
+    """Base class. ``with_dataset(data)`` returns a copy bound to the players being valued.
+
+    ``batches_models``: whether one ``_compute`` call on many subsets is much cheaper than many calls on one
+    (batched torch training, vectorised games); strategies then prefer big evaluate() calls over worker tasks."""
+
+    batches_models = False
 
     def __init__(self, scorer: Scorer | None = None, *, default: float | None = None, catch_errors: bool = True,
                  cache: bool | UtilityCache = False, n_jobs: int = 1, dask_address: Any = None,
@@ -112,8 +135,28 @@ class Utility:
 
     @property
     def preferred_batch(self) -> int:
-        """How many subsets one evaluate() call should carry to keep the workers busy."""
-        return max(1, self._executor.n_workers if self._executor is not None else 1)
+        """Subsets one evaluate() call should carry for batching to pay off (1: none, fits are independent). It
+        never depends on the workers, so that default batch sizes, and hence values, do not either."""
+        return 1
+
+    @property
+    def n_workers(self) -> int:
+        return self._executor.n_workers if self._executor is not None else 1
+
+    def run_tasks(self, fn, items: list) -> list:
+        """``[fn(utility, item) for item in items]``, on the session's workers when there are any (each worker
+        uses its own copy of this utility, received once). For strategies whose inner loop must stay sequential,
+        e.g. truncated permutations, so that a task is a whole permutation rather than one subset."""
+        if self._executor is None:
+            return [fn(self, it) for it in items]
+        return self._executor.map(fn, items)
+
+    def worker_copy(self) -> "Utility":
+        """What workers receive: this utility without cache, workers or counters (it computes in-process)."""
+        u = copy.copy(self)
+        u.cache, u._executor, u._depth = None, None, 0
+        u.n_evaluations = u.n_failed = u.n_nan = 0
+        return u
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -127,7 +170,7 @@ class Utility:
         if self._depth == 0:
             ex = make_executor(self.n_jobs, self.dask_address)
             if ex.n_workers > 1 or self.dask_address:
-                ex.bind(self)
+                ex.bind(self.worker_copy())
                 self._executor = ex
             else:
                 ex.close()
@@ -249,9 +292,7 @@ class ModelUtility(Utility):
             return clone(self.model, safe=False)
 
     def _compute(self, masks):
-        from threadpoolctl import threadpool_limits
-
-        with threadpool_limits(self.blas_threads), warnings.catch_warnings():
+        with limit_threads(self.blas_threads), warnings.catch_warnings():
             if not self.show_warnings:  # the model's own warnings on tiny subsets (pyDVL's show_warnings)
                 warnings.simplefilter("ignore")
             return self._fit_and_score(masks)

@@ -1,0 +1,86 @@
+"""The valuation job: every method runs end to end on noisy digits with small settings (compose API)."""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import compose_cfg, run_job
+
+from datamatters.artifacts import load_indexed
+from datamatters.errors import UserError
+
+SMALL = ["+experiment=digits_valuation", "valuation.n_train=24", "valuation.utility.epochs=2",
+         "valuation.utility.batch_size=16", "valuation.removal.step=0.25", "valuation.removal.n_random=1",
+         "logger.wandb.enabled=false"]
+PER_METHOD = {
+    "loo": [],
+    "tmc_shapley": ["valuation.stopping.max_updates=2"],
+    "banzhaf_msr": ["valuation.stopping.max_updates=8", "valuation.batch_size=16"],
+    "beta_shapley": ["valuation.stopping.max_updates=2", "valuation.batch_size=1"],
+    "knn_shapley": [],
+    "data_oob": ["valuation.n_estimators=6"],
+    "owen_shapley": ["valuation.n_samples_outer=2", "valuation.n_samples_inner=1"],
+    "classwise_shapley": ["valuation.stopping.max_checks=1", "valuation.n_train=30"],
+    "least_core": ["valuation.n_samples=60"],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("method", sorted(PER_METHOD))
+def test_every_method_runs_and_writes_its_artifacts(tmp_path, method):
+    s = run_job(tmp_path, SMALL + [f"valuation={method}"] + PER_METHOD[method])
+    run = tmp_path / "run"
+    for key in ("noisy/auc", "noisy/f1", "utility/evaluations", "time/valuation_s", "removal/high_mean_acc"):
+        assert key in s, key
+    assert 0.0 <= s["noisy/auc"] <= 1.0 and s["noisy/fraction"] > 0
+    if method != "knn_shapley":  # KNN-Shapley is closed-form: no utility is trained
+        assert s["utility/evaluations"] > 0
+    values, idx, meta = load_indexed(run / "values.npz", expect={"method": method, "split": "train"})
+    assert len(values) == len(idx) == s["valuation/n"] and len(np.unique(idx)) == len(idx)
+    assert meta["dataset"] == "digits" and meta["n_split"] > len(idx)
+    assert (run / "point_removal.png").is_file() and (run / "noisy_detection.png").is_file()
+    assert json.loads((run / "summary.json").read_text())["artifacts"]["values"].endswith("values.npz")
+
+
+def test_sklearn_backend_and_resume(tmp_path):
+    over = SMALL + ["valuation=tmc_shapley", "valuation.utility.backend=sklearn",
+                    "valuation.utility.sklearn_model=gaussian_nb", "valuation.batch_size=1",
+                    "valuation.stopping.max_updates=2"]
+    first = run_job(tmp_path, over)
+    assert first["valuation/resumed"] == 0
+    again = run_job(tmp_path, over)  # a re-run in the same run dir finds the finished result
+    assert again["valuation/resumed"] == 1 and again["utility/evaluations"] == first["utility/evaluations"]
+    more = run_job(tmp_path, over[:-1] + ["valuation.stopping.max_updates=4"])  # a bigger budget continues it
+    assert more["valuation/mean_count"] >= 4 > first["valuation/mean_count"]
+
+
+def test_bad_settings_are_clear_errors(tmp_path):
+    with pytest.raises(SystemExit):
+        run_job(tmp_path, SMALL + ["valuation.utility.backend=jax"])
+    with pytest.raises(SystemExit):
+        run_job(tmp_path, SMALL + ["valuation.stopping.max_updates=null", "valuation.stopping.max_time_s=null",
+                                   "valuation.stopping.history_deviation=null"])
+    from datamatters.tasks.valuation import run
+
+    cfg = compose_cfg(["task=valuation", f"paths.output_dir={tmp_path}/x", "logger.wandb.enabled=false"])
+    with pytest.raises(UserError, match="valuation=<method>"):
+        run(cfg)
+
+
+def test_every_valuation_option_composes():
+    from conftest import CONFIG_DIR
+
+    options = sorted(p.stem for p in (CONFIG_DIR / "valuation").glob("*.yaml"))
+    assert len(options) == 9
+    for option in options:
+        cfg = compose_cfg(["+experiment=digits_valuation", f"valuation={option}"])
+        assert cfg.valuation.method == option and cfg.valuation.n_train == 200
