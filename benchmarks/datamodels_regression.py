@@ -59,8 +59,9 @@ def patience_choice(mse: np.ndarray, patience: int) -> int:
 
 
 def sklearn_side(X, Y, tr, va, lambdas, targets, patience):
-    """Per target: lasso_path on the grid, val MSE, chosen lambda, refit on train+val. Returns timings and MSEs."""
-    t0 = time.perf_counter()
+    """Per target: lasso_path on the grid, val MSE, chosen lambda, refit on train+val. Returns CPU seconds (one
+    thread: the process's CPU time, which a shared machine's other jobs do not inflate) and MSEs."""
+    t0 = time.process_time()
     sc = StandardScaler().fit(X[tr].astype(np.float64))
     Xs, Xv = sc.transform(X[tr].astype(np.float64)), sc.transform(X[va].astype(np.float64))
     G = Xs.T @ Xs
@@ -68,10 +69,10 @@ def sklearn_side(X, Y, tr, va, lambdas, targets, patience):
     sc_all = StandardScaler().fit(X[all_rows].astype(np.float64))
     Xa = sc_all.transform(X[all_rows].astype(np.float64))
     Ga = Xa.T @ Xa
-    shared = time.perf_counter() - t0
+    shared = time.process_time() - t0
     per_target, mse_chosen, k_chosen = [], [], []
     for t in targets:
-        t1 = time.perf_counter()
+        t1 = time.process_time()
         y = Y[tr, t].astype(np.float64)
         ybar = y.mean()
         yc = y - ybar
@@ -80,7 +81,7 @@ def sklearn_side(X, Y, tr, va, lambdas, targets, patience):
         k = patience_choice(mse, patience)
         ya = Y[all_rows, t].astype(np.float64)
         Lasso(alpha=lambdas[k, t], precompute=Ga, tol=1e-4).fit(Xa, ya)
-        per_target.append(time.perf_counter() - t1)
+        per_target.append(time.process_time() - t1)
         mse_chosen.append(mse[k])
         k_chosen.append(k)
     return shared, np.array(per_target), np.array(mse_chosen), np.array(k_chosen)
@@ -92,7 +93,7 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=900)
     ap.add_argument("--targets", type=int, default=500)
     ap.add_argument("--sk-targets", type=int, default=25)
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--out", type=Path, default=OUT)
     a = ap.parse_args()
@@ -101,14 +102,15 @@ def main() -> None:
     tr, va = split_models(np.arange(a.models), 0.1, 0)
     sk_targets = np.linspace(0, a.targets - 1, a.sk_targets).round().astype(int)
     load = [os.getloadavg()[0]]
-    ours1, ours_n, sk_runs = [], [], []
+    ours1, ours1_wall, ours_n, sk_runs = [], [], [], []
     default_threads = torch.get_num_threads()
     fit = None
     for r in range(a.repeats):
         torch.set_num_threads(1)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fit = fit_datamodels(X, Y, **kw)
-        ours1.append(time.perf_counter() - t0)
+        ours1.append(time.process_time() - c0)
+        ours1_wall.append(time.perf_counter() - t0)
         torch.set_num_threads(default_threads)
         with threadpool_limits(1):
             shared, per, mse_sk, k_sk = sklearn_side(X, Y, tr, va, fit.path["lambdas"], sk_targets, a.patience)
@@ -117,34 +119,41 @@ def main() -> None:
         fit_datamodels(X, Y, **kw)
         ours_n.append(time.perf_counter() - t0)
         load.append(os.getloadavg()[0])
-        print(f"repeat {r}: ours 1 thread {ours1[-1]:.1f}s, ours {default_threads} threads {ours_n[-1]:.1f}s, "
-              f"sklearn (extrapolated) {sk_runs[-1]:.1f}s", flush=True)
+        print(f"repeat {r}: ours 1 thread {ours1[-1]:.1f}s CPU ({ours1_wall[-1]:.1f}s wall), ours "
+              f"{default_threads} threads {ours_n[-1]:.1f}s wall, sklearn (extrapolated) {sk_runs[-1]:.1f}s CPU",
+              flush=True)
     rel = (fit.val_mse[sk_targets] - mse_sk) / mse_sk
     res = {
         "benchmark": "datamodels regression: lasso path + validation + refit, all targets",
         "problem": {"models": a.models, "n_train": a.train, "targets": a.targets, "val_fraction": 0.1,
                     "lambdas": 100, "eps": 1e-3, "tol": 1e-4, "patience": a.patience,
                     "data": "synthetic Bernoulli(0.5) masks, planted sparse linear outputs + unit noise"},
-        "ours_seconds_1_thread": ours1, "ours_seconds_default_threads": ours_n, "default_threads": default_threads,
-        "sklearn_seconds_extrapolated": sk_runs,
+        "ours_cpu_seconds_1_thread": ours1, "ours_wall_seconds_1_thread": ours1_wall,
+        "ours_wall_seconds_default_threads": ours_n, "default_threads": default_threads,
+        "sklearn_cpu_seconds_extrapolated": sk_runs,
         "sklearn_measured_targets": int(a.sk_targets),
         "speedup_1_thread_vs_sklearn": float(np.median(sk_runs) / np.median(ours1)),
-        "speedup_default_threads_vs_sklearn": float(np.median(sk_runs) / np.median(ours_n)),
+        "speedup_default_threads_wall_vs_sklearn_cpu": float(np.median(sk_runs) / np.median(ours_n)),
+        "speedup_1_thread_vs_sklearn_best_of_runs": float(np.min(sk_runs) / np.min(ours1)),
         "goal_speedup": 20.0,
         "val_mse_rel_diff_ours_vs_sklearn": {"max_abs": float(np.abs(rel).max()), "mean": float(rel.mean())},
         "chosen_lambda_index_agreement": float((fit.lam_index[sk_targets] == k_sk).mean()),
         "ours_mean_lambdas_visited": float((fit.path["iters"] > 0).sum(0).mean()),
         "ours_mean_sweeps_per_lambda": float(fit.path["iters"][fit.path["iters"] > 0].mean()),
-        "notes": ("sklearn timed on a subset of targets and extrapolated linearly (its per-target paths are "
-                  "independent), plus its shared preprocessing once. Runs interleaved, ours and sklearn alternate "
-                  "under the same machine load; sklearn's coordinate descent is single-threaded, BLAS limited to 1 "
-                  "thread for it. Shared 2-core machine with other jobs running: timings are noisy."),
+        "notes": ("Single-thread comparison in CPU seconds (process_time) on both sides: the shared 2-core machine "
+                  "runs other jobs, which inflate wall-clock times 1.5-3x from run to run but hardly CPU time. "
+                  "sklearn timed on a subset of targets and extrapolated linearly (its per-target paths are "
+                  "independent), plus its shared preprocessing once. Runs interleaved (ours, sklearn, ours...). "
+                  "sklearn's coordinate descent is single-threaded; BLAS limited to 1 thread for it. The default-"
+                  "threads wall time of ours is reported for completeness; on this oversubscribed machine a second "
+                  "torch thread mostly waits for a core."),
         "loadavg_1min_during": load,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("speedup_1_thread_vs_sklearn", "speedup_default_threads_vs_sklearn",
+    print(json.dumps({k: res[k] for k in ("speedup_1_thread_vs_sklearn", "speedup_1_thread_vs_sklearn_best_of_runs",
+                                          "speedup_default_threads_wall_vs_sklearn_cpu",
                                           "val_mse_rel_diff_ours_vs_sklearn", "chosen_lambda_index_agreement")}))
 
 

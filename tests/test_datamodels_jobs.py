@@ -11,7 +11,6 @@ import torch
 
 from conftest import run_job
 from datamatters.datamodels import open_store
-from datamatters.errors import UserError
 from datamatters.training.subsets import subset_masks
 
 QUIET = ["logger.wandb.enabled=false", "datamodels.threads=1"]
@@ -97,6 +96,36 @@ def test_lightning_trainer_fills_rows(tmp_path):
     assert s["train/models_trained"] == 2
     store = open_store(tmp_path / "datamodels" / "digits" / "store", mode="r")
     assert store.completed.all() and np.isfinite(store["margins"][:]).all() and store["margins"][:].std() > 0
+
+
+def user_main(index, logdir):
+    """A reference-style worker main: its own training, any keys the spec declares."""
+    rng = np.random.default_rng(index)
+    assert Path(logdir).is_dir()
+    return {"masks": rng.random(5) < 0.5, "score": np.float32([index, index / 2])}
+
+
+def user_extra(ids, masks, logits):
+    return {"max_prob": logits.softmax(-1).amax(-1).numpy()}
+
+
+def test_user_main_and_extra_keys(tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"num_models": 4, "schema": {"masks": {"shape": [5], "dtype": "bool"},
+                                                            "score": {"shape": [2], "dtype": "float32"}}}))
+    run_job(tmp_path, [*SMALL, "task=datamodels_train", "datamodels.main=test_datamodels_jobs:user_main",
+                       f"datamodels.spec_file={spec}", "datamodels.block_size=3"])
+    store = open_store(tmp_path / "datamodels" / "digits" / "store", mode="r")
+    assert store.completed.all() and store["score"][3].tolist() == [3.0, 1.5]
+    assert (tmp_path / "datamodels" / "digits" / "store" / "workers" / "2").is_dir()
+    s = run_job(tmp_path / "x", [*SMALL, "task=datamodels_train", "datamodels.num_models=10",
+                                 "datamodels.extra_keys={max_prob: {shape: [180], dtype: float32}}",
+                                 "datamodels.extra_fn=test_datamodels_jobs:user_extra"])
+    store = open_store(tmp_path / "x" / "datamodels" / "digits" / "store", mode="r")
+    assert s["train/rows_completed"] == 10 and ((store["max_prob"][:] > 0.1) & (store["max_prob"][:] <= 1)).all()
+    with pytest.raises(SystemExit):
+        run_job(tmp_path / "y", [*SMALL, "task=datamodels_train", "datamodels.main=nope.module:fn",
+                                 f"datamodels.spec_file={spec}"])
 
 
 def test_missing_config_is_a_user_error(tmp_path):

@@ -22,6 +22,15 @@ from datamatters.training.ensemble import (
 from datamatters.training.subsets import subset_masks
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Small vectorised ops: one thread avoids thread-pool wake-ups that dominate on a loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def digits():
     X, y = digits_arrays()

@@ -54,8 +54,28 @@ def training_signature(cfg: DictConfig) -> dict:
     return sig
 
 
+def import_fn(path: str):
+    """``package.module:function`` -> the function."""
+    import importlib
+
+    mod, _, name = str(path).partition(":")
+    try:
+        return getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise UserError(f"cannot import {path!r} (expected 'package.module:function'): {exc}") from exc
+
+
 def store_spec(cfg: DictConfig, dm, which: str):
     d = cfg.datamodels
+    if d.get("main"):  # the reference's workflow: a user main(index, logdir) and a spec.json describing its keys
+        if not d.get("spec_file"):
+            raise UserError("datamodels.main needs datamodels.spec_file (a spec.json with num_models and schema)")
+        from datamatters.datamodels import DatamodelSpec
+
+        spec = DatamodelSpec.from_json(d.spec_file)
+        meta = {**spec.meta, "main": d.main, "id_offset": 0 if which == "train" else int(d.eval_id_offset)}
+        num = spec.num_models if which == "train" else int(d.num_eval_models)
+        return DatamodelSpec(num, spec.schema, meta)
     n = len(dm.split_indices(d.train_split))
     T = len(dm.split_indices(d.target_split))
     if T == 0 or n == 0:
@@ -72,7 +92,12 @@ def store_spec(cfg: DictConfig, dm, which: str):
         "id_offset": 0 if which == "train" else int(d.eval_id_offset),
         "training": config_hash(training_signature(cfg)),
     }
-    return standard_spec(num, n, T, outputs=list(d.outputs), num_classes=dm.num_classes, meta=meta)
+    extra = OmegaConf.to_container(d.extra_keys, resolve=True) if d.get("extra_keys") else None
+    if extra and not d.get("extra_fn"):
+        raise UserError("datamodels.extra_keys needs datamodels.extra_fn to fill them")
+    if extra:
+        meta["extra_fn"] = d.extra_fn
+    return standard_spec(num, n, T, outputs=list(d.outputs), num_classes=dm.num_classes, extra=extra, meta=meta)
 
 
 def store_path(cfg: DictConfig, which: str) -> Path:
@@ -81,8 +106,15 @@ def store_path(cfg: DictConfig, which: str) -> Path:
 
 def build_trainer(cfg: DictConfig, dm, id_offset: int):
     d = cfg.datamodels
+    if d.get("main"):
+        from datamatters.datamodels import per_index
+
+        fn = import_fn(d.main)
+        root = store_path(cfg, "train" if id_offset == 0 else "eval")
+        inner = per_index(fn, logdir=root)
+        return lambda indices: inner([int(id_offset) + int(i) for i in indices])
     common = dict(alpha=float(d.alpha), seed=int(d.seed), mode=d.mask_mode, outputs=tuple(d.outputs),
-                  id_offset=int(id_offset))
+                  id_offset=int(id_offset), extra_fn=import_fn(d.extra_fn) if d.get("extra_fn") else None)
     if d.trainer == "batched":
         Xtr, ytr = split_arrays(dm, d.train_split)
         Xt, yt = split_arrays(dm, d.target_split)
@@ -227,7 +259,7 @@ def eval_stage(cfg: DictConfig, ctx: RunContext, dm, fit: DatamodelFit | None = 
         artifacts["lds_curve"] = plot_lds_curve(curve, ctx.run_dir / "lds_curve.png")
         log_image(ctx, "lds_curve", artifacts["lds_curve"])
     cf = d.counterfactual
-    if cf and int(cf.targets) > 0 and d.trainer == "batched" and key == "margins":
+    if cf and int(cf.targets) > 0 and d.trainer == "batched" and key == "margins" and not d.get("main"):
         trainer = build_trainer(cfg, dm, 0)
         T = fit.W.shape[1]
         targets = np.unique(np.linspace(0, T - 1, min(int(cf.targets), T)).round().astype(int)).tolist()
