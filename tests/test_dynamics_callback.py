@@ -26,6 +26,8 @@ def digits():
 
 def _fit(dm, callbacks, epochs=3, seed=0, ckpt=None, **kw):
     L.seed_everything(seed, verbose=False)
+    # no checkpoint files in the working directory unless a test asks for them (with its own dirpath)
+    kw.setdefault("enable_checkpointing", any(type(c).__name__ == "ModelCheckpoint" for c in callbacks))
     module = ClassifierModule(build_model("mlp", dm.input_shape, 10, hidden=[32]), partial(torch.optim.AdamW, lr=3e-3),
                               num_classes=10)
     trainer = L.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_progress_bar=False,
