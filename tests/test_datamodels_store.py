@@ -83,6 +83,17 @@ def test_initialize_creates_memmaps_and_refuses_overwrite(tmp_path):
     assert not wiped.completed.any() and not wiped["margins"].any()
 
 
+def test_concurrent_initialize_with_exist_ok_creates_one_store(tmp_path):
+    """Many sweep jobs call initialize_store at once: one creates it (atomic rename), the others open it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as ex:
+        stores = list(ex.map(lambda _: initialize_store(tmp_path / "s", _spec(), exist_ok=True), range(8)))
+    stores[0].write_row(1, _row(1))
+    assert all(s.completed[1] for s in stores)
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary directories left behind
+
+
 def test_spec_mismatch_and_damage_refused(tmp_path):
     path = tmp_path / "store"
     initialize_store(path, _spec())
