@@ -46,3 +46,14 @@ def tiny(tmp_path):
     """Overrides that make a digits RHO-LOSS job take a few seconds."""
     return ["trainer.max_epochs=3", "irreducible.max_epochs=2", "trainer.enable_progress_bar=false",
             "logger.wandb.enabled=false"]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small tensors are faster on one thread, and tests never oversubscribe the (2-core) CI machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
