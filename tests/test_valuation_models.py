@@ -204,3 +204,37 @@ def test_semivalues_on_a_real_model_flag_noisy_labels():
     msr = MSRBanzhafValuation(u, MaxChecks(8), batch_size=32, seed=0).fit(data).result
     assert np.isfinite(msr.values).all()
     assert noisy_label_detection(msr.values, noisy)["auc"] > 0.6
+
+
+def test_grouped_dataset_values_groups_of_rows():
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(9, 2))
+    y = X @ [1.0, -2.0] + rng.normal(scale=0.1, size=9)
+    Xt = rng.normal(size=(20, 2))
+    test = Dataset(Xt, Xt @ [1.0, -2.0])
+    groups = np.array(["a", "a", "b", "b", "b", "c", "c", "d", "d"])
+    data = Dataset(X, y, groups=groups)
+    assert len(data) == 4 and list(data.names) == ["a", "b", "c", "d"]
+    u = ModelUtility(LinearRegression(), SupervisedScorer("r2", test, default=-1.0), catch_errors=True)
+    from datamatters.valuation import ExactShapleyValuation
+
+    r = ExactShapleyValuation(u).fit(data).result
+    np.testing.assert_array_equal(r.names, ["a", "b", "c", "d"])
+
+    def brute(S):  # the same utility by hand: fit on the rows of the groups in S
+        if not S:
+            return -1.0
+        rows = np.isin(groups, S)
+        return LinearRegression().fit(X[rows], y[rows]).score(Xt, Xt @ [1.0, -2.0])
+
+    labels = ["a", "b", "c", "d"]
+    exact = np.zeros(4)
+    for i, g in enumerate(labels):
+        others = [h for h in labels if h != g]
+        for size in range(4):
+            for S in itertools.combinations(others, size):
+                exact[i] += (brute(list(S) + [g]) - brute(list(S))) / (4 * math.comb(3, size))
+    np.testing.assert_allclose(r.values, exact, atol=1e-10)
+    assert r.values.sum() == pytest.approx(brute(labels) - (-1.0))

@@ -100,6 +100,8 @@ class KNNClassifierUtility(Utility):
         self._order = None
 
     def _bind(self, data):
+        if data.is_grouped:
+            raise UserError("the KNN utility values single points; pass an ungrouped Dataset")
         xt, _ = self.test_data.data()
         self._order = sorted_neighbours(xt, data.x, self.metric, self.metric_kw)
         self._match = np.asarray(data.y)[self._order] == np.asarray(self.test_data.y)[:, None]

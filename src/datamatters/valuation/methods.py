@@ -1,6 +1,8 @@
 """The named semivalue methods with pyDVL 0.10's defaults, plus leave-one-out."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from datamatters.valuation.base import Valuation
@@ -36,7 +38,8 @@ class ExactShapleyValuation(ShapleyValuation):
     algorithm_name = "exact_shapley"
 
     def __init__(self, utility: Utility, batch_size: int | None = None, progress=False):
-        if utility.cache is None:
+        if utility.cache is None:  # a copy: the caller's utility keeps its own (absent) cache
+            utility = copy.copy(utility)
             utility.cache = UtilityCache()
         super().__init__(utility, DeterministicUniformSampler(batch_size), NoStopping(), progress=progress)
 
