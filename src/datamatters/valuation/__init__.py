@@ -1,8 +1,16 @@
 """Data valuation: semivalues (Shapley, Banzhaf, Beta), TMC and MSR, KNN-Shapley, Data-OOB, LOO, class-wise
 Shapley and least core, with composable stopping rules, batched utilities and worker pools (no Hydra here)."""
 from datamatters.valuation.base import Valuation
+from datamatters.valuation.classwise import ClasswiseShapleyValuation
 from datamatters.valuation.coefficients import BanzhafCoefficient, BetaCoefficient, ShapleyCoefficient
+from datamatters.valuation.data_oob import DataOOBValuation
 from datamatters.valuation.dataset import Dataset
+from datamatters.valuation.knn import KNNClassifierUtility, KNNShapleyValuation
+from datamatters.valuation.least_core import (
+    ExactLeastCoreValuation,
+    LeastCoreValuation,
+    MonteCarloLeastCoreValuation,
+)
 from datamatters.valuation.methods import (
     BanzhafValuation,
     BetaShapleyValuation,
@@ -28,11 +36,14 @@ from datamatters.valuation.stopping import (
     RankCorrelation,
     StoppingCriterion,
 )
+from datamatters.valuation.torch_utility import TorchUtility
 from datamatters.valuation.utility import ModelUtility, Utility, UtilityCache
 
 __all__ = [
     "AbsoluteStandardError", "BanzhafCoefficient", "BanzhafValuation", "BetaCoefficient", "BetaShapleyValuation",
-    "ClasswiseScorer", "Dataset", "ExactShapleyValuation", "HistoryDeviation", "LOOValuation",
+    "ClasswiseScorer", "ClasswiseShapleyValuation", "DataOOBValuation", "Dataset", "ExactLeastCoreValuation",
+    "ExactShapleyValuation", "HistoryDeviation", "KNNClassifierUtility", "KNNShapleyValuation", "LOOValuation",
+    "LeastCoreValuation", "MonteCarloLeastCoreValuation", "TorchUtility",
     "MSRBanzhafValuation", "MaxChecks", "MaxTime", "MaxUpdates", "MinUpdates", "ModelUtility", "NoStopping",
     "RankCorrelation", "Scorer", "SemivalueValuation", "ShapleyCoefficient", "ShapleyValuation",
     "StoppingCriterion", "SupervisedScorer", "TMCShapleyValuation", "Utility", "UtilityCache", "Valuation",
