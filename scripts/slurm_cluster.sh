@@ -46,7 +46,8 @@ ensure_installed() {
 write_config() {
   local user cpus mem
   user="$(id -un)"
-  cpus="${SLURM_NODE_CPUS:-$(nproc)}"
+  # nproc honours OMP_NUM_THREADS (tests set it to 1): ask for the CPUs this process may use, whatever it says
+  cpus="${SLURM_NODE_CPUS:-$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)}"
   mem="${SLURM_NODE_MEM_MB:-$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)}"
   mkdir -p "$STATE"/{state,spool,log}
   cat > "$CONF" <<EOF
@@ -121,9 +122,15 @@ wait_idle() {
   return 1
 }
 
+port_taken() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 start() {
   ensure_installed
   if status >/dev/null 2>&1; then log "already running (SLURM_CONF=$CONF)"; return 0; fi
+  if ! pid_alive "$STATE/slurmctld.pid" && port_taken "$CTLD_PORT"; then
+    die "port $CTLD_PORT is taken: another SLURM cluster (e.g. one started from another checkout) runs here.
+  Stop it, or pick free ports: SLURM_CTLD_PORT=6917 SLURMD_PORT=6918 $0 start"
+  fi
   write_config
   start_munge
   pid_alive "$STATE/slurmctld.pid" || slurmctld -f "$CONF" -c
