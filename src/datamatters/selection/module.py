@@ -28,10 +28,11 @@ class SelectiveModule(ClassifierModule):
                  il_table: ILTable | None = None, il_model: nn.Module | None = None,
                  corrupted: torch.Tensor | None = None, score_mode: str = "train", update_bn_on_score: bool = False,
                  score_precision: str | None = None, temperature: dict | None = None, mc_samples: int = 10,
-                 total_steps: int | None = None, seed: int = 0, channels_last: bool = False):
+                 total_steps: int | None = None, seed: int = 0, channels_last: bool = False,
+                 rule: Callable | None = None):
         super().__init__(model, optimizer, scheduler, num_classes)
         self.automatic_optimization = False
-        self.rule = get_rule(method)
+        self.rule = rule or get_rule(method)  # rule: a peer's own (stateful) rule under its own method name
         self.method, self.percent_train = method, float(percent_train)
         n_select(100, self.percent_train)  # validate early
         if method in NEEDS_IL and il_table is None and il_model is None:
