@@ -39,9 +39,15 @@ class Unfittable:
         return np.zeros(len(X))
 
 
-def test_empty_training_set():
-    with pytest.raises(UserError, match="empty"):
-        Dataset(np.zeros((0, 3)), np.zeros(0))
+def test_empty_training_or_test_set():
+    train, test = data()
+    empty = Dataset(np.zeros((0, 3)), np.zeros(0, int))
+    with pytest.raises(UserError, match="the training set to value is empty"):
+        LOOValuation(ModelUtility(GaussianNB(), SupervisedScorer("accuracy", test))).fit(empty)
+    with pytest.raises(UserError, match="the test set is empty"):
+        SupervisedScorer("accuracy", empty)
+    with pytest.raises(UserError, match="the test set is empty"):
+        ClasswiseScorer(empty)
     with pytest.raises(UserError, match="rows"):
         Dataset(np.zeros((3, 2)), np.zeros(2))
     _, test = data()

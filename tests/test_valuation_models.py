@@ -13,6 +13,7 @@ from datamatters.valuation import (
     Dataset,
     LOOValuation,
     MaxChecks,
+    MSRSampler,
     ModelUtility,
     MSRBanzhafValuation,
     SupervisedScorer,
@@ -67,7 +68,8 @@ def test_failed_fits_and_nan_scores_get_the_default():
 
 
 def test_torch_utility_matches_direct_training_and_is_batch_independent():
-    torch = pytest.importorskip("torch")
+    import torch
+
     from datamatters.models import build_model
     from datamatters.training.ensemble import predict_ensemble, train_ensemble
     from datamatters.valuation.torch_utility import TorchUtility
@@ -91,7 +93,8 @@ def test_torch_utility_matches_direct_training_and_is_batch_independent():
         np.testing.assert_allclose(scores, ref, atol=1e-12)
         np.testing.assert_allclose(u.evaluate(masks[[3, 1]]), scores[[3, 1]], atol=1e-12)  # same set, same model
         loo = LOOValuation(u).fit(train).result
-        assert loo.values.shape == (24,) and np.isfinite(loo.values).all()
+        full, without = u.evaluate(np.ones((1, 24), bool))[0], u.evaluate(~np.eye(24, dtype=bool))
+        np.testing.assert_allclose(loo.values, full - without, atol=1e-12)
     finally:
         torch.set_num_threads(threads)
 
@@ -121,7 +124,12 @@ def test_data_oob_random_forest_in_bag_matches_sklearn():
         ours = np.setdiff1d(np.arange(50), _forest_in_bag(rf, est, 50))
         np.testing.assert_array_equal(ours, _generate_unsampled_indices(est.random_state, 50, 50, None))
     r = DataOOBValuation(rf).fit(train).result
-    assert r.counts.sum() > 0 and np.nanmax(r.values) <= 1
+    scores = [[] for _ in range(50)]  # the definition, with sklearn's own out-of-bag indices
+    for est in rf.estimators_:
+        for i in _generate_unsampled_indices(est.random_state, 50, 50, None):
+            scores[i].append(float(rf.classes_[int(est.predict(train.x[i:i + 1])[0])] == train.y[i]))
+    np.testing.assert_allclose(r.values, [np.mean(s) if s else np.nan for s in scores], atol=1e-12)
+    np.testing.assert_array_equal(r.counts, [len(s) for s in scores])
 
 
 def test_data_oob_own_bagging_flags_noise():
@@ -202,7 +210,10 @@ def test_semivalues_on_a_real_model_flag_noisy_labels():
     assert noisy_label_detection(tmc.values, noisy)["auc"] > 0.75
     assert tmc.values.sum() == pytest.approx(u.with_dataset(data)(np.arange(30)), abs=1e-9)  # efficiency
     msr = MSRBanzhafValuation(u, MaxChecks(8), batch_size=32, seed=0).fit(data).result
-    assert np.isfinite(msr.values).all()
+    sets = np.concatenate([MSRSampler(seed=0).batch(30, b, 32).masks for b in range(8)])  # the 8 batches drawn
+    us = u.with_dataset(data).evaluate(sets)
+    definition = [us[sets[:, i]].mean() - us[~sets[:, i]].mean() for i in range(30)]  # MSR: in-mean - out-mean
+    np.testing.assert_allclose(msr.values, definition, atol=1e-12)
     assert noisy_label_detection(msr.values, noisy)["auc"] > 0.6
 
 

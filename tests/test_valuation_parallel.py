@@ -1,6 +1,5 @@
 """Same seed, same values, whatever the number of workers: in-process, loky processes and dask."""
 import numpy as np
-import pytest
 from sklearn.naive_bayes import GaussianNB
 from sklearn.tree import DecisionTreeClassifier
 
@@ -51,7 +50,8 @@ def test_loky_workers_give_identical_values():
 
 
 def test_dask_cluster_gives_identical_values():
-    distributed = pytest.importorskip("distributed")
+    import distributed
+
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as c:
         address = c.scheduler_address
         for run in (tmc, msr, oob):

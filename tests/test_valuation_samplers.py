@@ -33,8 +33,8 @@ def size_histogram(sampler, n_batches=40, batch=1000):
         batch_ = sampler.batch(N, b, batch)
         if batch_ is None:
             break
-        if sampler.kind == "permutation":  # the prefix before each position
-            counts += len(batch_.perms) * np.ones(N)
+        if sampler.kind == "permutation":  # the prefix before i = 0 is its position (all i: the test below)
+            np.add.at(counts, np.argmax(batch_.perms == 0, axis=1), 1)
             continue
         if sampler.kind == "msr":  # S \ {i} for every i, in or out
             k = batch_.masks.sum(1)
@@ -70,16 +70,45 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_size_histogram_matches_p_of_s(name):
-    sampler = CASES[name]
+def histogram_matches(sampler) -> bool:
     sampler.reset()
     expected = expected_sizes(sampler)
     assert expected.sum() == pytest.approx(1.0, abs=1e-12)  # p(S | i) is a distribution over subsets
     empirical = size_histogram(sampler)
     n_draws = 40_000
     tol = 5 * np.sqrt(expected * (1 - expected) / n_draws) + 1e-3
-    assert np.all(np.abs(empirical - expected) <= tol), (name, empirical.round(4), expected.round(4))
+    return bool(np.all(np.abs(empirical - expected) <= tol))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_size_histogram_matches_p_of_s(name):
+    assert histogram_matches(CASES[name]), name
+
+
+class SmallFirstPermutationSampler(PermutationSampler):
+    """A plausible bug: the two first positions of every permutation are sorted (index 0 comes first too often)."""
+
+    def batch(self, n, batch_id, batch_size, active=None):
+        out = super().batch(n, batch_id, batch_size, active)
+        out.perms[:, :2] = np.sort(out.perms[:, :2], axis=1)
+        return out
+
+
+def positions_uniform(sampler, n_perms=30_000) -> bool:
+    """Every index is equally likely at every position (chi-square per index, 5 degrees of freedom)."""
+    perms = sampler.batch(N, 0, n_perms).perms
+    counts = np.stack([np.bincount(np.argmax(perms == i, axis=1), minlength=N) for i in range(N)])
+    expected = len(perms) / N
+    chi2 = ((counts - expected) ** 2 / expected).sum(1)
+    return bool(np.all(chi2 < 25))  # p ~ 1e-4 each beyond 25
+
+
+def test_permutation_samplers_place_every_index_uniformly():
+    assert positions_uniform(PermutationSampler(seed=0))
+    assert positions_uniform(AntitheticPermutationSampler(seed=0))
+    biased = SmallFirstPermutationSampler(seed=0)  # controls: both checks catch it
+    assert not positions_uniform(biased)
+    assert not histogram_matches(biased)
 
 
 def test_pydvl_continuum_formula_would_fail_for_a_coarse_owen_grid():

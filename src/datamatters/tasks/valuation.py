@@ -109,7 +109,7 @@ def build_utility(cfg: DictConfig, v: DictConfig, dm, test, scorer=None, classwi
     if scorer is None:
         scorer = ClasswiseScorer(test, default=float(u.default)) if classwise else \
             SupervisedScorer(u.scoring, test, default=float(u.default))
-    common = dict(cache=bool(u.cache), n_jobs=int(v.n_jobs), dask_address=v.dask_address)
+    common = dict(cache=bool(u.cache), n_jobs=v.n_jobs, dask_address=v.dask_address)
     if u.backend == "sklearn":
         return ModelUtility(_sklearn_model(u, int(v.seed)), scorer, show_warnings=False, **common)
     from datamatters.valuation.torch_utility import TorchUtility
@@ -178,7 +178,7 @@ def build_method(cfg: DictConfig, v: DictConfig, dm, train, test):
             kw = {"epochs": int(u.epochs), "batch_size": int(u.batch_size), "lr": float(u.lr),
                   "optimizer": u.optimizer, "weight_decay": float(u.weight_decay)}
         return DataOOBValuation(model, n_estimators=int(v.n_estimators), max_samples=float(v.max_samples), seed=seed,
-                                n_jobs=int(v.n_jobs), dask_address=v.dask_address, torch_kw=kw), data
+                                n_jobs=v.n_jobs, dask_address=v.dask_address, torch_kw=kw), data
     if m == "classwise_shapley":
         from datamatters.valuation.classwise import ClasswiseShapleyValuation
 
@@ -194,15 +194,17 @@ def build_method(cfg: DictConfig, v: DictConfig, dm, train, test):
         from datamatters.valuation.least_core import ExactLeastCoreValuation, MonteCarloLeastCoreValuation
 
         if v.mode == "exact":
-            return ExactLeastCoreValuation(utility, bool(v.non_negative_subsidy), bs), data
-        return MonteCarloLeastCoreValuation(utility, int(v.n_samples), bool(v.non_negative_subsidy), seed, bs), data
+            return ExactLeastCoreValuation(utility, bool(v.non_negative_subsidy), batch_size=bs), data
+        return MonteCarloLeastCoreValuation(utility, int(v.n_samples), bool(v.non_negative_subsidy), seed=seed,
+                                            batch_size=bs), data
     stopping, progress = build_stopping(v), bool(v.progress)
     if m == "tmc_shapley":
         return TMCShapleyValuation(utility, RelativeTruncation(float(v.truncation.rtol),
                                                                float(v.truncation.burn_in_fraction)),
-                                   stopping, seed, bs, bool(v.antithetic), progress=progress), data
+                                   stopping, seed=seed, batch_size=bs, antithetic=bool(v.antithetic),
+                                   progress=progress), data
     if m == "banzhaf_msr":
-        return MSRBanzhafValuation(utility, stopping, bs, seed, progress), data
+        return MSRBanzhafValuation(utility, stopping, batch_size=bs, seed=seed, progress=progress), data
     if m == "beta_shapley":
         samplers = {"permutation": lambda: PermutationSampler(batch_size=bs, seed=seed),
                     "antithetic": lambda: AntitheticPermutationSampler(batch_size=bs, seed=seed),

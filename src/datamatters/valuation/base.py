@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from datamatters.errors import UserError
-from datamatters.valuation.dataset import Dataset
+from datamatters.valuation.dataset import Dataset, check_nonempty
 from datamatters.valuation.result import ValuationResult
 
 
@@ -35,6 +35,7 @@ class Valuation:
     def _init_result(self, data: Dataset, continue_from: ValuationResult | None) -> ValuationResult:
         if not isinstance(data, Dataset):
             raise UserError(f"fit() needs a datamatters.valuation.Dataset, got {type(data).__name__}")
+        check_nonempty(data, "training set to value")
         if continue_from is None:
             return ValuationResult.zeros(indices=data.indices, names=data.names, algorithm=str(self))
         r = continue_from.copy()

@@ -33,7 +33,7 @@ class ClasswiseShapleyValuation(Valuation):
     algorithm_name = "classwise_shapley"
 
     def __init__(self, utility: Utility, is_done: StoppingCriterion, n_in_class_permutations: int = 1,
-                 min_elements_per_label: int = 1, batch_size: int | None = None, seed: int = 0,
+                 min_elements_per_label: int = 1, *, batch_size: int | None = None, seed: int = 0,
                  normalize_values: bool = True, max_context_draws: int = 1000):
         super().__init__()
         if not isinstance(getattr(utility, "scorer", None), ClasswiseScorer):

@@ -13,6 +13,11 @@ bag, scored on that point itself (accuracy for classifiers, negative squared err
   trainer takes sets, not multisets, so a bootstrap sample trains on its distinct rows (documented difference).
 
 Points that were in every bag have no estimate: their value is NaN (count 0) and a warning says how many.
+
+A bag whose fit raises (sklearn) or whose model outputs are not finite (torch: diverged training) is a failed
+fit: it is left out of the averages, counted in ``meta["failed_estimators"]`` and warned about, or raises a
+``UserError`` when ``catch_errors=False``. Inputs are checked once at ``fit``: features must be finite unless the
+sklearn estimator accepts missing values; torch labels must be in ``[0, n_outputs)``.
 """
 from __future__ import annotations
 
@@ -22,8 +27,8 @@ import numpy as np
 
 from datamatters.errors import UserError
 from datamatters.valuation.base import Valuation
-from datamatters.valuation.dataset import Dataset
-from datamatters.valuation.parallel import make_executor, split
+from datamatters.valuation.dataset import Dataset, check_finite, check_labels
+from datamatters.valuation.parallel import make_executor, resolve_n_jobs, split
 from datamatters.valuation.result import ValuationResult
 
 
@@ -48,12 +53,25 @@ def _fit_bags(payload, bag_ids):
 
 
 def _fit_bag(est, X, y, m, seed, score, b):
+    """(OOB positions, their scores, None) or, when the fit or prediction raises, (empty, empty, the error)."""
     from sklearn.base import clone
 
     rows = bootstrap_rows(seed, b, len(y), m)
     oob = np.setdiff1d(np.arange(len(y)), rows)
-    model = clone(est).fit(X[rows], y[rows])
-    return oob, (score(y[oob], model.predict(X[oob])) if len(oob) else np.zeros(0))
+    try:
+        model = clone(est).fit(X[rows], y[rows])
+        return oob, (score(y[oob], model.predict(X[oob])) if len(oob) else np.zeros(0)), None
+    except Exception as exc:  # noqa: BLE001 - reported by the caller (catch_errors)
+        return np.zeros(0, np.int64), np.zeros(0), repr(exc)
+
+
+def _accepts_nan(model) -> bool:
+    try:
+        from sklearn.utils import get_tags
+
+        return bool(get_tags(model).input_tags.allow_nan)
+    except Exception:  # noqa: BLE001 - not an sklearn estimator: be strict
+        return False
 
 
 def _forest_in_bag(model, est, n: int) -> np.ndarray:
@@ -66,15 +84,17 @@ def _forest_in_bag(model, est, n: int) -> np.ndarray:
 class DataOOBValuation(Valuation):
     algorithm_name = "data_oob"
 
-    def __init__(self, model, n_estimators: int = 100, max_samples: float = 1.0, score=None, seed: int = 0,
-                 n_jobs: int = 1, dask_address=None, torch_kw: dict | None = None):
+    def __init__(self, model, n_estimators: int = 100, max_samples: float = 1.0, score=None, *, seed: int = 0,
+                 n_jobs: int = 1, dask_address=None, torch_kw: dict | None = None, catch_errors: bool = True):
         super().__init__()
         if int(n_estimators) < 1 or not 0 < float(max_samples) <= 1:
             raise UserError(f"Data-OOB needs n_estimators >= 1 and 0 < max_samples <= 1, "
                             f"got {n_estimators}, {max_samples}")
+        resolve_n_jobs(n_jobs)
         self.model, self.n_estimators, self.max_samples = model, int(n_estimators), float(max_samples)
         self.score, self.seed, self.n_jobs, self.dask_address = score, int(seed), n_jobs, dask_address
-        self.torch_kw = dict(torch_kw or {})
+        self.torch_kw, self.catch_errors = dict(torch_kw or {}), bool(catch_errors)
+        self._failed: list[str] = []
 
     def _score_fn(self, classifier: bool):
         return self.score or (point_wise_accuracy if classifier else neg_l2_distance)
@@ -84,12 +104,16 @@ class DataOOBValuation(Valuation):
             raise UserError("Data-OOB values single points; pass an ungrouped Dataset")
         result = self._init_result(data, continue_from)
         X, y = data.data()
+        self._failed = []
+        if hasattr(self.model, "fit") and not _accepts_nan(self.model):
+            check_finite(data, "training set")
         if hasattr(self.model, "estimators_"):
             pos, vals = self._from_fitted(np.asarray(X), np.asarray(y))
         elif hasattr(self.model, "fit"):
             pos, vals = self._bag_sklearn(np.asarray(X), np.asarray(y))
         else:
             pos, vals = self._bag_torch(X, y)
+        self._report_failures()
         result.update(pos, vals)
         never = result.counts == 0
         if never.any():
@@ -99,9 +123,19 @@ class DataOOBValuation(Valuation):
         result.status = "converged"
         n_models = len(self.model.estimators_) if hasattr(self.model, "estimators_") else self.n_estimators
         result.meta.update({"utility_evaluations": int(result.meta.get("utility_evaluations", 0)) + n_models,
-                            "n_estimators": n_models, "seed": self.seed})
+                            "n_estimators": n_models, "seed": self.seed, "failed_estimators": len(self._failed)})
         self._result = result
         return self
+
+    def _report_failures(self) -> None:
+        if not self._failed:
+            return
+        n, first = len(self._failed), self._failed[0]
+        if not self.catch_errors or n == self.n_estimators:
+            raise UserError(f"{n} of {self.n_estimators} Data-OOB estimators failed, the first with: {first}. "
+                            + ("" if n == self.n_estimators else "Pass catch_errors=True to leave them out."))
+        warnings.warn(f"{n} of {self.n_estimators} Data-OOB estimators failed and are left out "
+                      f"(meta['failed_estimators']); the first: {first}", RuntimeWarning, stacklevel=3)
 
     def _from_fitted(self, X, y):
         from sklearn.base import is_classifier
@@ -131,15 +165,20 @@ class DataOOBValuation(Valuation):
             ex.bind(payload)
             chunks = ex.map(_fit_bags, split(np.arange(self.n_estimators), 2 * ex.n_workers))
         bags = [bag for chunk in chunks for bag in chunk]
-        return np.concatenate([p for p, _ in bags]), np.concatenate([v for _, v in bags])
+        self._failed = [err for _, _, err in bags if err is not None]
+        return np.concatenate([p for p, _, _ in bags]), np.concatenate([v for _, v, _ in bags])
 
     def _bag_torch(self, X, y):
         import torch
 
         from datamatters.training.ensemble import predict_ensemble, train_ensemble
+        from datamatters.valuation.torch_utility import model_outputs
 
         if not isinstance(self.model, torch.nn.Module):
             raise UserError(f"Data-OOB needs an sklearn estimator or a torch.nn.Module, got {type(self.model)}")
+        data = Dataset(X, y)
+        check_finite(data, "training set")
+        check_labels(data, model_outputs(self.model, np.asarray(X)[:1]), "training set")
         X, y = torch.as_tensor(np.asarray(X)).float(), torch.as_tensor(np.asarray(y)).long()
         n, m = len(y), max(1, round(self.max_samples * len(y)))
         inbag = np.zeros((self.n_estimators, n), bool)
@@ -147,6 +186,10 @@ class DataOOBValuation(Valuation):
             inbag[b, bootstrap_rows(self.seed, b, n, m)] = True
         kw = {"epochs": 20, "batch_size": 32, "lr": 1e-2, **self.torch_kw}
         params = train_ensemble(self.model, X, y, torch.as_tensor(inbag), seed=self.seed, **kw)
-        pred = predict_ensemble(self.model, params, X).argmax(-1).cpu().numpy()
-        b, i = np.nonzero(~inbag)
+        logits = predict_ensemble(self.model, params, X)
+        finite = torch.isfinite(logits).flatten(1).all(1).cpu().numpy()
+        self._failed = [f"non-finite outputs of estimator {b} (diverged training: lower the learning rate)"
+                        for b in np.flatnonzero(~finite)]
+        pred = logits.argmax(-1).cpu().numpy()
+        b, i = np.nonzero(~inbag & finite[:, None])
         return i, self._score_fn(True)(y.numpy()[i], pred[b, i])

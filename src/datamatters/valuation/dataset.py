@@ -19,8 +19,6 @@ class Dataset:
 
     def __init__(self, x: Any, y: Any, names=None, groups=None, description: str = ""):
         n_rows = len(x)
-        if n_rows == 0:
-            raise UserError("the dataset to value is empty: pass at least one training point")
         if len(y) != n_rows:
             raise UserError(f"x has {n_rows} rows but y has {len(y)}")
         self.x, self.y, self.description = x, y, description
@@ -77,16 +75,49 @@ class Dataset:
         first[self.group_of_row[::-1]] = np.arange(self.n_rows)[::-1]
         return np.asarray(self.y)[first]
 
-    @classmethod
-    def from_arrays(cls, X, y, train_size: float = 0.8, seed: int = 0, stratify: bool = False):
-        """Split arrays into (train, test) Datasets, names = row positions in ``X``."""
-        from sklearn.model_selection import train_test_split
-
-        idx = np.arange(len(X))
-        tr, te = train_test_split(idx, train_size=train_size, random_state=seed,
-                                  stratify=np.asarray(y) if stratify else None)
-        return cls(X[tr], y[tr], names=tr), cls(X[te], y[te], names=te)
-
     def __repr__(self) -> str:
         g = f", groups={len(self)}" if self.is_grouped else ""
         return f"Dataset(n_rows={self.n_rows}{g})"
+
+
+# ---- checks where data enters a valuation (run once; the algorithms behind them trust their inputs) -------------
+def _np(a) -> np.ndarray:
+    return a.detach().cpu().numpy() if hasattr(a, "detach") else np.asarray(a)
+
+
+def check_nonempty(data: Dataset, what: str) -> None:
+    if data.n_rows == 0:
+        raise UserError(f"the {what} is empty: pass at least one point")
+
+
+def check_finite(data: Dataset, what: str) -> None:
+    """Refuse NaN/inf features; the cheap sum test runs first, the element scan only to name the first row."""
+    x = _np(data.x)
+    if not np.issubdtype(x.dtype, np.number) or np.isfinite(x.sum()):
+        return
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(1)
+    raise UserError(f"the {what} has non-finite features (NaN or inf) in {int(bad.sum())} rows, the first at "
+                    f"position {int(np.argmax(bad))}: drop or impute them")
+
+
+def check_same_features(test: Dataset, train: Dataset, what: str = "test set") -> None:
+    """The test set must be non-empty and have the training set's feature shape."""
+    check_nonempty(test, what)
+    a, b = np.shape(test.x)[1:], np.shape(train.x)[1:]
+    if tuple(a) != tuple(b):
+        raise UserError(f"the {what} has features of shape {tuple(a)} but the training set {tuple(b)}: "
+                        "both must come from the same feature space")
+
+
+def check_labels(data: Dataset, n_classes: int, what: str) -> None:
+    """Class labels must be integers in [0, n_classes) for a model with ``n_classes`` outputs."""
+    y = _np(data.y)
+    if len(y) == 0:
+        return
+    if not np.issubdtype(y.dtype, np.integer):
+        if not (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+            raise UserError(f"the {what} has labels of type {y.dtype}: a classifier needs integer class labels")
+    lo, hi = y.min(), y.max()
+    if lo < 0 or hi >= n_classes:
+        raise UserError(f"the {what} has labels from {int(lo)} to {int(hi)}, but the model has {n_classes} outputs: "
+                        f"labels must be in [0, {n_classes}) (relabel the classes, or give the model more outputs)")

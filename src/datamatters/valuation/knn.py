@@ -17,9 +17,15 @@ import numpy as np
 
 from datamatters.errors import UserError
 from datamatters.valuation.base import Valuation
-from datamatters.valuation.dataset import Dataset
+from datamatters.valuation.dataset import Dataset, check_finite, check_same_features
 from datamatters.valuation.result import ValuationResult
 from datamatters.valuation.utility import OK, Utility
+
+
+def _check(test: Dataset, train: Dataset) -> None:
+    check_same_features(test, train)
+    check_finite(train, "training set")
+    check_finite(test, "test set")
 
 
 def _metric_of(model) -> tuple[str, dict]:
@@ -77,6 +83,7 @@ class KNNShapleyValuation(Valuation):
         if data.is_grouped:
             raise UserError("KNN-Shapley values single points; pass an ungrouped Dataset")
         result = self._init_result(data, continue_from)
+        _check(self.test_data, data)
         x, y = data.data()
         xt, yt = self.test_data.data()
         total = np.zeros(len(data))
@@ -102,6 +109,7 @@ class KNNClassifierUtility(Utility):
     def _bind(self, data):
         if data.is_grouped:
             raise UserError("the KNN utility values single points; pass an ungrouped Dataset")
+        _check(self.test_data, data)
         xt, _ = self.test_data.data()
         self._order = sorted_neighbours(xt, data.x, self.metric, self.metric_kw)
         self._match = np.asarray(data.y)[self._order] == np.asarray(self.test_data.y)[:, None]

@@ -103,7 +103,7 @@ class LeastCoreValuation(Valuation):
     algorithm_name = "least_core"
 
     def __init__(self, utility: Utility, sampler: Sampler, n_samples: int | None = None,
-                 non_negative_subsidy: bool = False, batch_size: int | None = None):
+                 non_negative_subsidy: bool = False, *, batch_size: int | None = None):
         super().__init__()
         if sampler.kind != "sets":
             raise UserError("least core needs a set sampler (AllSetsSampler or UniformSetSampler)")
@@ -162,13 +162,14 @@ class LeastCoreValuation(Valuation):
 class ExactLeastCoreValuation(LeastCoreValuation):
     algorithm_name = "exact_least_core"
 
-    def __init__(self, utility: Utility, non_negative_subsidy: bool = False, batch_size: int | None = None):
-        super().__init__(utility, AllSetsSampler(), None, non_negative_subsidy, batch_size)
+    def __init__(self, utility: Utility, non_negative_subsidy: bool = False, *, batch_size: int | None = None):
+        super().__init__(utility, AllSetsSampler(), None, non_negative_subsidy, batch_size=batch_size)
 
 
 class MonteCarloLeastCoreValuation(LeastCoreValuation):
     algorithm_name = "montecarlo_least_core"
 
-    def __init__(self, utility: Utility, n_samples: int, non_negative_subsidy: bool = False, seed: int = 0,
+    def __init__(self, utility: Utility, n_samples: int, non_negative_subsidy: bool = False, *, seed: int = 0,
                  batch_size: int | None = None):
-        super().__init__(utility, UniformSetSampler(seed=seed), int(n_samples), non_negative_subsidy, batch_size)
+        super().__init__(utility, UniformSetSampler(seed=seed), int(n_samples), non_negative_subsidy,
+                         batch_size=batch_size)

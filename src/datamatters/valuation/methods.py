@@ -12,6 +12,7 @@ from datamatters.valuation.result import ValuationResult
 from datamatters.valuation.samplers import (
     DeterministicUniformSampler,
     MSRSampler,
+    OwenSampler,
     PermutationSampler,
     RelativeTruncation,
     Sampler,
@@ -23,13 +24,16 @@ from datamatters.valuation.utility import Utility, UtilityCache
 
 
 class ShapleyValuation(SemivalueValuation):
-    """Data Shapley with any sampler (importance-weighted by the Shapley coefficient)."""
+    """Data Shapley with any sampler (importance-weighted by the Shapley coefficient); named ``owen_shapley``
+    (the job's method name) when the sampler is an Owen sampler, ``shapley`` otherwise."""
 
     algorithm_name = "shapley"
 
     def __init__(self, utility: Utility, sampler: Sampler, is_done: StoppingCriterion, skip_converged=False,
                  progress=False):
         super().__init__(utility, sampler, is_done, ShapleyCoefficient(), skip_converged, progress)
+        if isinstance(sampler, OwenSampler):
+            self.algorithm_name = "owen_shapley"
 
 
 class ExactShapleyValuation(ShapleyValuation):
@@ -37,11 +41,11 @@ class ExactShapleyValuation(ShapleyValuation):
 
     algorithm_name = "exact_shapley"
 
-    def __init__(self, utility: Utility, batch_size: int | None = None, progress=False):
+    def __init__(self, utility: Utility, *, batch_size: int | None = None, progress=False):
         if utility.cache is None:  # a copy: the caller's utility keeps its own (absent) cache
             utility = copy.copy(utility)
             utility.cache = UtilityCache()
-        super().__init__(utility, DeterministicUniformSampler(batch_size), NoStopping(), progress=progress)
+        super().__init__(utility, DeterministicUniformSampler(batch_size=batch_size), NoStopping(), progress=progress)
 
 
 class TMCShapleyValuation(SemivalueValuation):
@@ -52,7 +56,7 @@ class TMCShapleyValuation(SemivalueValuation):
     algorithm_name = "tmc_shapley"
 
     def __init__(self, utility: Utility, truncation: TruncationPolicy | None = None,
-                 is_done: StoppingCriterion | None = None, seed: int = 0, batch_size: int | None = None,
+                 is_done: StoppingCriterion | None = None, *, seed: int = 0, batch_size: int | None = None,
                  antithetic: bool = False, prefix_block: int | None = None, progress=False):
         from datamatters.valuation.samplers import AntitheticPermutationSampler
 
@@ -77,9 +81,9 @@ class BanzhafValuation(SemivalueValuation):
 class MSRBanzhafValuation(SemivalueValuation):
     """Data Banzhaf with maximum sample reuse (Wang & Jia 2023): every utility evaluation updates all indices."""
 
-    algorithm_name = "msr_banzhaf"
+    algorithm_name = "banzhaf_msr"  # the job's method name (configs/valuation/banzhaf_msr.yaml)
 
-    def __init__(self, utility: Utility, is_done: StoppingCriterion, batch_size: int | None = None, seed: int = 0,
+    def __init__(self, utility: Utility, is_done: StoppingCriterion, *, batch_size: int | None = None, seed: int = 0,
                  progress=False):
         super().__init__(utility, MSRSampler(batch_size=batch_size, seed=seed), is_done, None, False, progress)
 
@@ -100,7 +104,7 @@ class LOOValuation(Valuation):
 
     algorithm_name = "loo"
 
-    def __init__(self, utility: Utility, batch_size: int | None = None):
+    def __init__(self, utility: Utility, *, batch_size: int | None = None):
         super().__init__()
         self.utility, self.batch_size = utility, batch_size
 

@@ -11,7 +11,6 @@ Give ``dask_address`` (e.g. a ``dask-jobqueue`` SLURMCluster's scheduler address
 """
 from __future__ import annotations
 
-import os
 import uuid
 from typing import Any, Callable, Sequence
 
@@ -115,15 +114,30 @@ class DaskExecutor(SerialExecutor):
             self._client = None
 
 
+def resolve_n_jobs(n_jobs: int | None) -> int:
+    """Worker processes for ``n_jobs`` with joblib's meaning: a positive integer, or -1 for all cores, -2 for all
+    but one, ... (at least 1); None means 1. Zero and non-integers are errors, never silently rounded."""
+    if n_jobs is None:
+        return 1
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, (int, np.integer)):
+        raise UserError(f"n_jobs must be an integer (a number of workers, or -1 for all cores, -2 for all but "
+                        f"one), got {n_jobs!r}")
+    n = int(n_jobs)
+    if n == 0:
+        raise UserError("n_jobs=0 means no workers: use a positive number of workers, or -1 for all cores "
+                        "(-2 for all but one)")
+    if n < 0:
+        from joblib import cpu_count
+
+        n = max(cpu_count() + 1 + n, 1)
+    return n
+
+
 def make_executor(n_jobs: int | None = 1, dask_address: Any = None) -> SerialExecutor:
-    """Dask when an address (or Client) is given, else loky processes for ``n_jobs > 1`` (-1: all cores)."""
+    """Dask when an address (or Client) is given, else loky processes for ``n_jobs > 1`` (see ``resolve_n_jobs``)."""
     if dask_address:
         return DaskExecutor(dask_address)
-    n = int(n_jobs or 1)
-    if n < 0:
-        n = os.cpu_count() or 1
-    if n == 0:
-        raise UserError("n_jobs must be a positive number of workers (or -1 for all cores)")
+    n = resolve_n_jobs(n_jobs)
     return SerialExecutor() if n == 1 else LokyExecutor(n)
 
 

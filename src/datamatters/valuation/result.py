@@ -59,12 +59,6 @@ class ValuationResult:
             indices = np.arange(int(n))
         return cls(np.zeros(len(indices)), indices=indices, names=names, algorithm=algorithm)
 
-    @classmethod
-    def from_random(cls, n: int, seed: int = 0, algorithm: str = "random") -> "ValuationResult":
-        """Random values (a baseline for point removal / detection), counts of one."""
-        v = np.random.default_rng(seed).normal(size=n)
-        return cls(v, counts=np.ones(n, np.int64), algorithm=algorithm, status="converged")
-
     def copy(self) -> "ValuationResult":
         return ValuationResult(self.values, self.variances, self.counts, self.indices, self.names, self.algorithm,
                                self.status, self.extra, json.loads(json.dumps(self.meta, default=_json_default)))

@@ -11,7 +11,7 @@ from typing import Callable
 import numpy as np
 
 from datamatters.errors import UserError
-from datamatters.valuation.dataset import Dataset
+from datamatters.valuation.dataset import Dataset, check_nonempty
 
 KNOWN_RANGES = {"accuracy": (0.0, 1.0), "balanced_accuracy": (0.0, 1.0), "neg_log_loss": (-np.inf, 0.0)}
 
@@ -44,8 +44,7 @@ class SupervisedScorer(Scorer):
                  range: tuple[float, float] | None = None, name: str | None = None):
         if test_data is None:
             raise UserError("a supervised scorer needs test_data (a Dataset of held-out points)")
-        if len(test_data) == 0:
-            raise UserError("the scorer's test data is empty")
+        check_nonempty(test_data, "test set")
         self.scoring, self.test_data = scoring, test_data
         self.default = float(default)
         self.name = name or (scoring if isinstance(scoring, str) else getattr(scoring, "__name__", "scorer"))
@@ -87,6 +86,7 @@ class ClasswiseScorer(Scorer):
     def __init__(self, test_data: Dataset, default: float = 0.0, range: tuple[float, float] = (0.0, 1.0),
                  in_class_discount_fn: Callable = lambda x: x, out_of_class_discount_fn: Callable = np.exp,
                  rescale_scores: bool = True, name: str = "classwise accuracy"):
+        check_nonempty(test_data, "test set")
         self.test_data, self.default, self.name = test_data, float(default), name
         self._f, self._g, self.rescale = in_class_discount_fn, out_of_class_discount_fn, bool(rescale_scores)
         self.range = (0.0, float(self._f(range[1]) * self._g(range[1])))

@@ -4,13 +4,19 @@
 Each subset's model is seeded by the subset itself (``subset_ids``), so u(S) is a deterministic function of S:
 the same set gives the same model in any batch, chunk, worker or continued fit, which keeps caching and
 reproducibility exact.
+
+A model whose outputs are not finite (diverged training) is a failed fit, like an exception in sklearn's
+``fit``: it gets the default score, is counted in ``n_failed`` and warned about, or raises a ``UserError`` when
+``catch_errors=False`` (argmax of NaN logits would otherwise score it as "always class 0"). Inputs are checked
+once, at ``with_dataset``: finite features, the test set's feature shape, labels in ``[0, n_outputs)``.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from datamatters.errors import UserError
-from datamatters.valuation.utility import NAN_SCORE, OK, Utility, subset_ids
+from datamatters.valuation.dataset import check_finite, check_labels, check_same_features
+from datamatters.valuation.utility import FIT_FAILED, NAN_SCORE, OK, Utility, subset_ids
 
 
 class TorchUtility(Utility):
@@ -36,6 +42,17 @@ class TorchUtility(Utility):
     def preferred_batch(self) -> int:
         return self.max_models
 
+    def _bind(self, data) -> None:
+        test = getattr(self.scorer, "test_data", None)
+        if test is not None:
+            check_same_features(test, data)
+            check_finite(test, "test set")
+        check_finite(data, "training set")
+        n_out = model_outputs(self.model, data.x[:1])
+        check_labels(data, n_out, "training set")
+        if test is not None:
+            check_labels(test, n_out, "test set")
+
     def _tensors(self):
         import torch
 
@@ -55,19 +72,38 @@ class TorchUtility(Utility):
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         rows = torch.as_tensor(self.data.row_masks(masks))
         ids = subset_ids(masks)
-        out = []
+        out, finite = [], []
         for s in range(0, len(masks), self.max_models):
             params = train_ensemble(self.model, X, y, rows[s:s + self.max_models], device=device,
                                     model_ids=ids[s:s + self.max_models], chunk=self.max_models, **self.train_kw)
-            out.append(np.asarray(self.scorer.from_logits(predict_ensemble(self.model, params, Xt.to(device))),
-                                  float))
-        scores = np.concatenate(out)
-        bad = np.isnan(scores).reshape(len(masks), -1).any(1)
-        if bad.any() and not self.catch_errors:
-            raise UserError(f"scorer {self.scorer.name} returned NaN for {int(bad.sum())} subsets (diverged training?)")
-        status = np.where(bad, NAN_SCORE, OK).astype(np.int8)
-        scores[bad] = self.default
+            logits = predict_ensemble(self.model, params, Xt.to(device))
+            finite.append(torch.isfinite(logits).flatten(1).all(1).cpu().numpy())
+            out.append(np.asarray(self.scorer.from_logits(logits), float))
+        scores, finite = np.concatenate(out), np.concatenate(finite)
+        nan = np.isnan(scores).reshape(len(masks), -1).any(1) & finite
+        if not self.catch_errors and not finite.all():
+            raise UserError(f"training diverged for {int((~finite).sum())} of {len(masks)} subsets: the model's "
+                            "outputs are NaN or inf (lower the learning rate, or pass catch_errors=True to score "
+                            f"such subsets with the default {self.default})")
+        if not self.catch_errors and nan.any():
+            raise UserError(f"scorer {self.scorer.name} returned NaN for {int(nan.sum())} subsets")
+        status = np.where(~finite, FIT_FAILED, np.where(nan, NAN_SCORE, OK)).astype(np.int8)
+        scores[status != OK] = self.default
         return scores, status
 
     def __str__(self):
         return f"TorchUtility({type(self.model).__name__})"
+
+
+def model_outputs(model, x_one) -> int:
+    """Number of outputs (classes) of ``model`` on one example, evaluated in eval mode."""
+    import torch
+
+    x = torch.as_tensor(np.asarray(x_one) if not hasattr(x_one, "dim") else x_one)
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return int(model(x.float() if x.is_floating_point() else x).shape[-1])
+    finally:
+        model.train(was)

@@ -20,8 +20,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from datamatters.errors import UserError
-from datamatters.valuation.dataset import Dataset
-from datamatters.valuation.parallel import make_executor, split
+from datamatters.valuation.dataset import Dataset, check_nonempty
+from datamatters.valuation.parallel import make_executor, resolve_n_jobs, split
 from datamatters.valuation.scorers import Scorer
 
 OK, FIT_FAILED, NAN_SCORE = 0, 1, 2
@@ -102,6 +102,7 @@ class Utility:
         self._default = default
         self.catch_errors, self.show_warnings = bool(catch_errors), bool(show_warnings)
         self.cache = cache if isinstance(cache, UtilityCache) else (UtilityCache() if cache else None)
+        resolve_n_jobs(n_jobs)  # refuse 0 or 1.5 here, not when the workers start
         self.n_jobs, self.dask_address = n_jobs, dask_address
         self.data: Dataset | None = None
         self._executor = None
@@ -122,6 +123,7 @@ class Utility:
     def with_dataset(self, data: Dataset) -> "Utility":
         if not isinstance(data, Dataset):
             raise UserError(f"value a datamatters.valuation.Dataset, got {type(data).__name__}")
+        check_nonempty(data, "training set to value")
         u = copy.copy(self)
         u.data = data
         u._executor, u._depth = None, 0

@@ -47,7 +47,7 @@ class Sampler:
     supports_skip = False
     finite = False
 
-    def __init__(self, batch_size: int | None = None, seed: int = 0):
+    def __init__(self, *, batch_size: int | None = None, seed: int = 0):
         if batch_size is not None and int(batch_size) < 1:
             raise UserError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = None if batch_size is None else int(batch_size)

@@ -29,9 +29,9 @@ class OwenSampler(PowersetSampler):
     antithetic = False
 
     def __init__(self, n_samples_outer: int = 200, n_samples_inner: int = 2, outer: str = "grid",
-                 finite: bool = True, index_iteration: str = "sequential", batch_size: int | None = None,
+                 finite: bool = True, index_iteration: str = "sequential", *, batch_size: int | None = None,
                  seed: int = 0):
-        super().__init__(batch_size, seed, index_iteration)
+        super().__init__(batch_size=batch_size, seed=seed, index_iteration=index_iteration)
         if outer not in ("grid", "uniform"):
             raise UserError(f"Owen outer strategy must be 'grid' or 'uniform', got {outer!r}")
         if int(n_samples_outer) < 1 or int(n_samples_inner) < 1:

@@ -81,11 +81,11 @@ class PermutationSampler(Sampler):
     kind = "permutation"
     salt = 0x51
 
-    def __init__(self, truncation: TruncationPolicy | None = None, batch_size: int | None = None, seed: int = 0,
+    def __init__(self, truncation: TruncationPolicy | None = None, *, batch_size: int | None = None, seed: int = 0,
                  prefix_block: int | None = None):
         """``prefix_block``: prefix positions evaluated per step for each running permutation after the burn-in
         (None: enough to fill the utility's preferred batch; 1 never wastes an evaluation)."""
-        super().__init__(batch_size, seed)
+        super().__init__(batch_size=batch_size, seed=seed)
         self.truncation = truncation or NoTruncation()
         self.prefix_block = prefix_block
 

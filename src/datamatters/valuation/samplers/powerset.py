@@ -18,8 +18,8 @@ class PowersetSampler(Sampler):
     kind = "marginal"
     supports_skip = True
 
-    def __init__(self, batch_size: int | None = None, seed: int = 0, index_iteration: str = "sequential"):
-        super().__init__(batch_size, seed)
+    def __init__(self, *, batch_size: int | None = None, seed: int = 0, index_iteration: str = "sequential"):
+        super().__init__(batch_size=batch_size, seed=seed)
         self.index_iteration = IndexIteration(index_iteration)
 
     def log_weight(self, n, k):
@@ -63,8 +63,8 @@ class DeterministicUniformSampler(PowersetSampler):
     finite = True
     supports_skip = False
 
-    def __init__(self, batch_size: int | None = None):
-        super().__init__(batch_size, 0, "sequential")
+    def __init__(self, *, batch_size: int | None = None):
+        super().__init__(batch_size=batch_size)
 
     def batch(self, n, batch_id, batch_size, active=None):
         if n > MAX_EXACT_N:

@@ -72,8 +72,8 @@ class StratifiedSampler(PowersetSampler):
 
     def __init__(self, sample_sizes: SampleSizeStrategy | None = None, size_iteration: str = "random",
                  n_samples_per_index: int | None = None, index_iteration: str = "sequential",
-                 batch_size: int | None = None, seed: int = 0):
-        super().__init__(batch_size, seed, index_iteration)
+                 *, batch_size: int | None = None, seed: int = 0):
+        super().__init__(batch_size=batch_size, seed=seed, index_iteration=index_iteration)
         self.sizes = sample_sizes or ConstantSampleSize()
         if size_iteration not in ("random", "deterministic"):
             raise UserError(f"size_iteration must be 'random' or 'deterministic', got {size_iteration!r}")
