@@ -114,6 +114,42 @@ def test_spec_mismatch_and_damage_refused(tmp_path):
         open_store(path)
 
 
+def test_force_deletes_only_what_the_store_created(tmp_path):
+    """force=True re-creates a store, but never deletes a directory that is not a store, nor files the store did
+    not create (the old code ran rmtree on whatever was at the path)."""
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("precious")
+    with pytest.raises(UserError, match=r"not a datamodel store \(no spec.json; it holds thesis.tex\).*nothing was"):
+        initialize_store(user, _spec(), force=True)
+    assert (user / "thesis.tex").read_text() == "precious"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory \\(a file\\)"):
+        initialize_store(tmp_path / "file", _spec(), force=True)
+    assert (tmp_path / "file").read_text() == "x"
+
+    path = tmp_path / "store"
+    store = initialize_store(path, _spec())
+    run_worker(store, _trainer(), pool=True, block_size=2)  # leaves claims/ (its lock file)
+    (path / "workers" / "3").mkdir(parents=True)              # an empty per_index log directory
+    (path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"files the store did not create \(notes.txt\); nothing was deleted"):
+        initialize_store(path, _spec(), force=True)
+    assert (path / "notes.txt").is_file() and open_store(path).completed.all()  # the store is intact too
+    (path / "workers" / "3" / "log.txt").write_text("user log")
+    (path / "notes.txt").unlink()
+    with pytest.raises(UserError, match=r"did not create \(workers/\)"):
+        initialize_store(path, _spec(), force=True)
+    (path / "workers" / "3" / "log.txt").unlink()
+    wiped = initialize_store(path, _spec(), force=True)  # only store files left: re-created
+    assert not wiped.completed.any()
+    assert sorted(p.name for p in path.iterdir()) == ["_completed.npy", "margins.npy", "masks.npy", "spec.json"]
+    (path / "spec.json").write_text("{broken")
+    with pytest.raises(UserError, match="cannot be read.*nothing was deleted"):
+        initialize_store(path, _spec(), force=True)
+    assert (path / "margins.npy").is_file()
+
+
 # ---- writing ---------------------------------------------------------------------------------------------------
 def test_row_is_flushed_before_its_flag(tmp_path):
     store = initialize_store(tmp_path / "s", _spec())
@@ -184,7 +220,7 @@ def test_per_index_adapter_matches_reference_worker_signature(tmp_path):
 def test_timeout_raises_and_keeps_finished_rows(tmp_path):
     store = initialize_store(tmp_path / "s", _spec())
     with pytest.raises(WorkerTimeout):
-        run_worker(store, _trainer(sleep=0.3), range(10), timeout_s=0.5)
+        run_worker(store, _trainer(sleep=0.3), range(10), block_size=1, timeout_s=0.5)
     done = store.completed
     assert 1 <= done.sum() < 10
     for i in np.flatnonzero(done):
@@ -214,12 +250,20 @@ _SCRIPT = textwrap.dedent("""
         return {{k: np.stack([r[k] for r in rows]) for k in rows[0]}}
 
     def hook(rows):
-        if args.get("hang_row") in rows:
+        if args.get("hang_row") in rows and not args.get("per_row"):
             open(args["marker"], "w").close()
             time.sleep(60)
 
-    run_worker(store, trainer, args.get("indices"), pool=args.get("pool", False),
-               block_size=args.get("block", 1), flag_hook=hook)
+    class PerRow:  # finishes rows one at a time; hangs while training hang_row
+        def iter_rows(self, indices):
+            for i in indices:
+                if i == args.get("hang_row"):
+                    open(args["marker"], "w").close()
+                    time.sleep(60)
+                yield [i], trainer([i])
+
+    run_worker(store, PerRow() if args.get("per_row") else trainer, args.get("indices"),
+               pool=args.get("pool", False), block_size=args.get("block", 1), flag_hook=hook)
 """)
 
 
@@ -258,6 +302,59 @@ def test_sigkill_mid_row_leaves_other_rows_and_row_is_redone(tmp_path):
     assert calls == [3, 4, 5, 6, 7]  # the killed row is redone, finished rows are not
     for i in range(8):
         _assert_row(store, i)
+
+
+def _kill_when_marked(proc, marker):
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():
+            assert proc.poll() is None and time.time() < deadline, "worker died or never reached the hang"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_pool_worker_killed_mid_block_keeps_the_rows_it_finished(tmp_path):
+    """A pool worker claims a block of 6 and is killed while training its 4th row: the 3 rows it finished were
+    written as they completed (not at the end of the block), and a new worker takes over the dead claims."""
+    path = tmp_path / "s"
+    initialize_store(path, _spec(num_models=10))
+    marker = tmp_path / "hanging"
+    args = {"store": str(path), "pool": True, "block": 6, "per_row": True, "hang_row": 3, "marker": str(marker)}
+    _kill_when_marked(subprocess.Popen([sys.executable, str(_script(tmp_path)), json.dumps(args)], env=_env()),
+                      marker)
+    store = open_store(path)
+    assert store.completed.tolist() == [True] * 3 + [False] * 7
+    for i in range(3):
+        _assert_row(store, i)
+    calls: list = []
+    run_worker(store, _trainer(calls), pool=True)  # the dead worker's claims (rows 3..5) are stale
+    assert sorted(calls) == list(range(3, 10)) and store.completed.all()
+
+
+def test_pool_claims_a_guided_share_not_the_whole_store(tmp_path):
+    """block_size=None: ceil(free / (4 * live workers)) rows per claim, at most MAX_AUTO_BLOCK."""
+    from datamatters.datamodels.workers import MAX_AUTO_BLOCK
+
+    store = initialize_store(tmp_path / "s", _spec(num_models=40))
+    assert ClaimBoard(store).claim(None) == list(range(10))  # alone: a quarter of 40
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:  # rows 0..9 held by a live process of this host (another worker): 30 free, 2 workers -> 4
+        for r in range(10):
+            (tmp_path / "s" / "claims" / f"{r}.json").write_text(
+                json.dumps({"pid": other.pid, "host": ClaimBoard(store).host, "time": 0, "nonce": "w"}))
+        assert ClaimBoard(store).claim(None) == list(range(10, 14))
+    finally:
+        other.kill()
+        other.wait()
+    big = initialize_store(tmp_path / "big", _spec(num_models=10_000))
+    assert len(ClaimBoard(big).claim(None)) == MAX_AUTO_BLOCK
+    calls: list = []
+    rep = run_worker(initialize_store(tmp_path / "t", _spec(num_models=8)), _trainer(calls), pool=True)
+    assert sorted(calls) == list(range(8)) and sorted(rep.done) == list(range(8))
 
 
 def test_concurrent_pool_workers_finish_every_row_exactly_once(tmp_path):

@@ -4,7 +4,7 @@ Notebook use needs no configs::
 
     spec = standard_spec(num_models, n_train, n_targets)
     store = initialize_store("store", spec)
-    run_worker(store, BatchedSubsetTrainer(model, Xtr, ytr, Xt, yt, alpha=0.5), range(num_models), block_size=500)
+    run_worker(store, BatchedSubsetTrainer(model, Xtr, ytr, Xt, yt, alpha=0.5), range(num_models))
     fit = fit_datamodels(store, "margins")            # W (n_train, T) raw units, b, lambda, val MSE, path
     evaluate_lds(fit, eval_store["masks"], eval_store["margins"])
 """

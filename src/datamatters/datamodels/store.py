@@ -105,15 +105,65 @@ class DatamodelStore:
         self.write_rows([index], {k: np.asarray(v.detach().cpu() if hasattr(v, "detach") else v)[None]
                                   for k, v in values.items()})
 
-    def reset_rows(self, rows: Sequence[int]) -> None:
-        """Mark rows incomplete (to redo them); their data stays until overwritten."""
-        flags = self._arrays[COMPLETED]
-        flags[self.check_rows(rows)] = 0
-        flags.flush()
-
 
 def _read_spec(path: Path) -> DatamodelSpec:
     return DatamodelSpec.from_json(path / SPEC_FILE)
+
+
+def _describe(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "a broken symbolic link"
+    return "a file" if path.is_file() else "neither a file nor a directory"
+
+
+def _listing(path: Path, limit: int = 5) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def _owned(path: Path) -> tuple[list[Path], list[str]]:
+    """The files a store at ``path`` created (its spec, one .npy per key, the flags, pool claims, empty worker log
+    directories) and the names of anything else in it."""
+    try:
+        spec = _read_spec(path)
+    except (UserError, OSError, ValueError) as exc:
+        raise UserError(f"{path}/{SPEC_FILE} cannot be read ({exc}), so which files belong to the store is unknown; "
+                        "nothing was deleted. Delete the directory yourself if it is yours to delete") from exc
+    ours = {SPEC_FILE, *(_npy(path, k).name for k in [*spec.schema, COMPLETED])}
+    files, foreign = [], []
+    for p in sorted(path.iterdir()):
+        if p.name in ours and p.is_file() and not p.is_symlink():
+            files.append(p)
+        elif p.name == "workers" and p.is_dir() and not p.is_symlink() and not any(
+                c.is_symlink() or not c.is_dir() or any(c.iterdir()) for c in p.iterdir()):
+            files.extend(sorted(p.iterdir()))  # per_index's log directories, left empty by the worker function
+        elif p.name == "claims" and p.is_dir() and not p.is_symlink():
+            for c in sorted(p.iterdir()):
+                if c.is_file() and not c.is_symlink() and (c.name == ".lock" or c.suffix in (".json", ".tmp")):
+                    files.append(c)
+                else:
+                    foreign.append(f"claims/{c.name}")
+        else:
+            foreign.append(p.name + ("/" if p.is_dir() else ""))
+    return files, foreign
+
+
+def _delete_store(path: Path) -> None:
+    """``force``: delete the files the store created, and the directory once empty; refuse (deleting nothing)
+    when anything else is inside (a worker's logs, a user's files)."""
+    files, foreign = _owned(path)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise UserError(f"force=True would delete the datamodel store at {path}, but it also holds files the store "
+                        f"did not create ({', '.join(foreign[:5])}{more}); nothing was deleted. Move them away "
+                        "(or delete the directory yourself) and rerun")
+    for f in files:
+        f.rmdir() if f.is_dir() else f.unlink()
+    for sub in ("claims", "workers"):
+        if (path / sub).is_dir():
+            (path / sub).rmdir()
+    path.rmdir()
 
 
 def _create(path: Path, spec: DatamodelSpec) -> None:
@@ -132,19 +182,29 @@ def initialize_store(path: str | Path, spec: DatamodelSpec, force: bool = False,
                      ) -> DatamodelStore:
     """Create a store for ``spec`` at ``path``.
 
-    An existing store is refused unless ``force=True`` (which deletes it and its results) or ``exist_ok=True``
+    An existing store is refused unless ``force=True`` (which deletes the files the store created, and refuses
+    if anything else is in the directory) or ``exist_ok=True``
     with an identical spec (then it is opened, so that many jobs of a sweep may all call this). Creation is
     atomic (built in a temporary sibling directory, then renamed), so concurrent creators never see half a store.
     """
     path = Path(path)
-    if path.exists():
-        if force:
-            shutil.rmtree(path)
-        elif not (path / SPEC_FILE).is_file():
-            if path.is_dir() and not any(path.iterdir()):
-                path.rmdir()
-            else:
-                raise UserError(f"{path} exists and is not a datamodel store; choose another path or pass force=True")
+    if path.exists() or path.is_symlink():
+        if not path.is_dir():
+            raise UserError(f"{path} exists and is not a directory ({_describe(path)}); nothing was deleted, even "
+                            "with force=True. Choose another store path")
+        if not (path / SPEC_FILE).is_file():
+            if any(path.iterdir()):
+                raise UserError(f"{path} exists and is not a datamodel store (no {SPEC_FILE}; it holds "
+                                f"{_listing(path)}); nothing was deleted, even with force=True. Choose another "
+                                "store path, or move those files away yourself")
+            if path.is_symlink():
+                raise UserError(f"{path} is a symbolic link to an empty directory; give the directory itself")
+            path.rmdir()  # an empty directory: the store takes its place
+        elif force:
+            if path.is_symlink():
+                raise UserError(f"{path} is a symbolic link; force=True re-creates a store only at a real "
+                                "directory (nothing was deleted). Give the link's target as the store path")
+            _delete_store(path)
         elif exist_ok:
             return open_store(path, spec=spec)
         else:

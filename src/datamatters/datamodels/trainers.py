@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from datamatters.errors import UserError
-from datamatters.training.ensemble import init_seed, losses, margins, predict_ensemble, train_ensemble
+from datamatters.training.ensemble import (auto_chunk, check_labels, init_seed, losses, margins, num_outputs,
+                                           predict_ensemble, train_ensemble)
 from datamatters.training.subsets import MODES, mask_row, subset_masks
 
 ExtraFn = Callable[[Sequence[int], np.ndarray, torch.Tensor], Mapping[str, Any]]
@@ -80,7 +81,15 @@ class BatchedSubsetTrainer:
     def __post_init__(self):
         _check_common(self.alpha, self.mode, self.outputs)
         self.X_train, self.X_targets = torch.as_tensor(self.X_train), torch.as_tensor(self.X_targets)
-        self.y_train, self.y_targets = torch.as_tensor(self.y_train).long(), torch.as_tensor(self.y_targets).long()
+        if self.X_train.shape[1:] != self.X_targets.shape[1:]:
+            raise UserError(f"training inputs have shape {tuple(self.X_train.shape[1:])} per point but targets "
+                            f"{tuple(self.X_targets.shape[1:])}; they must come from the same data")
+        for name, X in (("X_train", self.X_train), ("X_targets", self.X_targets)):
+            if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+                raise UserError(f"{name} has non-finite values (NaN or inf); clean or impute them first")
+        C = num_outputs(self.model, self.X_train)
+        self.y_train = check_labels(self.y_train, C, "training labels")
+        self.y_targets = check_labels(self.y_targets, C, "target labels")
 
     @property
     def n_train(self) -> int:
@@ -89,6 +98,13 @@ class BatchedSubsetTrainer:
     def __call__(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         ids = [self.id_offset + int(i) for i in indices]
         return self.train_masks(block_masks(self.n_train, self.alpha, self.seed, ids, self.mode), ids)
+
+    def iter_rows(self, indices: Sequence[int]):
+        """Rows ``chunk`` models at a time (the models trained together), so a worker flushes each chunk."""
+        indices = [int(i) for i in indices]
+        c = int(self.chunk) if self.chunk else auto_chunk(len(indices), self.batch_size, self.X_train)
+        for s in range(0, len(indices), c):
+            yield indices[s:s + c], self(indices[s:s + c])
 
     def train_masks(self, masks: np.ndarray, ids: Sequence[int]) -> dict[str, np.ndarray]:
         """Train models on given masks with given model ids (inits and batch orders); also used for
@@ -155,6 +171,11 @@ class LightningSubsetTrainer:
     def __call__(self, indices: Sequence[int]) -> dict[str, np.ndarray]:
         ids = [self.id_offset + int(i) for i in indices]
         return self.train_masks(block_masks(len(self.train_set), self.alpha, self.seed, ids, self.mode), ids)
+
+    def iter_rows(self, indices: Sequence[int]):
+        """One row at a time, so a worker writes each model as soon as it is trained."""
+        for i in indices:
+            yield [int(i)], self([int(i)])
 
     def train_masks(self, masks: np.ndarray, ids: Sequence[int]) -> dict[str, np.ndarray]:
         logits = torch.stack([self._fit_one(int(i), m) for i, m in zip(ids, masks)])

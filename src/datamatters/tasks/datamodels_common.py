@@ -25,7 +25,7 @@ from datamatters.tasks.common import RunContext, log_image, log_metrics
 
 def dm_cfg(cfg: DictConfig) -> DictConfig:
     d = cfg.get("datamodels")
-    if d is None:
+    if d is None or "store" not in d:  # +debug=fast alone sets a few datamodels keys, not a datamodels config
         raise UserError("no datamodels config: add '+datamodels=default' (or use +experiment=digits_datamodels)")
     if d.get("threads"):
         torch.set_num_threads(int(d.threads))
@@ -51,6 +51,8 @@ def training_signature(cfg: DictConfig) -> dict:
     else:
         sig.update({"optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
                     "max_epochs": cfg.trainer.max_epochs, "batch_size": d.batch_size})
+        if cfg.trainer.get("fast_dev_run"):
+            sig["fast_dev_run"] = cfg.trainer.fast_dev_run
     return sig
 
 
@@ -109,10 +111,8 @@ def build_trainer(cfg: DictConfig, dm, id_offset: int):
     if d.get("main"):
         from datamatters.datamodels import per_index
 
-        fn = import_fn(d.main)
         root = store_path(cfg, "train" if id_offset == 0 else "eval")
-        inner = per_index(fn, logdir=root)
-        return lambda indices: inner([int(id_offset) + int(i) for i in indices])
+        return per_index(import_fn(d.main), logdir=root, id_offset=int(id_offset))
     common = dict(alpha=float(d.alpha), seed=int(d.seed), mode=d.mask_mode, outputs=tuple(d.outputs),
                   id_offset=int(id_offset), extra_fn=import_fn(d.extra_fn) if d.get("extra_fn") else None)
     if d.trainer == "batched":
@@ -125,6 +125,8 @@ def build_trainer(cfg: DictConfig, dm, id_offset: int):
     if d.trainer == "lightning":
         tk = {"max_epochs": int(cfg.trainer.max_epochs), "accelerator": cfg.trainer.accelerator, "devices": 1,
               "precision": cfg.trainer.precision}
+        if cfg.trainer.get("fast_dev_run"):  # +debug=fast: one batch per model
+            tk["fast_dev_run"] = cfg.trainer.fast_dev_run
         return LightningSubsetTrainer(dm.dataset(d.train_split), dm.dataset(d.target_split),
                                       lambda: build_network(cfg.model, dm), build_optimizer(cfg.optimizer),
                                       batch_size=int(d.batch_size), trainer_kwargs=tk, **common)
@@ -160,7 +162,8 @@ def train_stage(cfg: DictConfig, ctx: RunContext, dm, which: str) -> dict:
     if rows is None and not d.pool:
         rows = list(range(spec.num_models))
     t0 = time.time()
-    rep = run_worker(store, build_trainer(cfg, dm, offset), rows, pool=bool(d.pool), block_size=int(d.block_size),
+    block = None if d.get("block_size") is None else int(d.block_size)
+    rep = run_worker(store, build_trainer(cfg, dm, offset), rows, pool=bool(d.pool), block_size=block,
                      timeout_s=d.timeout_s, claim_timeout_s=float(d.claim_timeout_s), progress=True)
     secs = time.time() - t0
     out = {f"{which}/models_trained": len(rep.done), f"{which}/models_skipped": len(rep.skipped),

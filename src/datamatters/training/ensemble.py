@@ -160,7 +160,7 @@ class _Optimizer:
 # ---- public API ------------------------------------------------------------------------------------------------
 def _as_tensors(X, y, masks, device) -> tuple[Tensor, Tensor, Tensor]:
     X = torch.as_tensor(X)
-    y = torch.as_tensor(y).long()
+    y = torch.as_tensor(y)
     masks = torch.as_tensor(np.asarray(masks.cpu() if isinstance(masks, Tensor) else masks)).bool()
     if masks.dim() != 2:
         raise UserError(f"masks must be (num_models, n_train), got shape {tuple(masks.shape)}")
@@ -168,10 +168,38 @@ def _as_tensors(X, y, masks, device) -> tuple[Tensor, Tensor, Tensor]:
         raise UserError(f"X has {X.shape[0]} rows, y {y.shape[0]}, masks {masks.shape[1]} columns: they must agree")
     if masks.shape[0] and int(masks.sum(1).min()) == 0:
         raise UserError("a mask selects no training point; use a larger alpha or drop that model")
+    if X.is_floating_point() and not bool(torch.isfinite(X).all()):
+        bad = torch.nonzero(~torch.isfinite(X).reshape(X.shape[0], -1).all(1)).flatten()
+        raise UserError(f"X has non-finite values (NaN or inf) in {len(bad)} rows (first: {bad[:5].tolist()}); "
+                        "clean or impute them before training")
     return X.to(device), y.to(device), masks
 
 
-def _auto_chunk(M: int, batch_size: int, X: Tensor) -> int:
+def check_labels(y, num_classes: int, what: str = "y") -> Tensor:
+    """Integer class labels in [0, num_classes), as a long tensor; anything else is a UserError (instead of an
+    index error deep inside a vmapped loss)."""
+    y = torch.as_tensor(y)
+    if y.is_floating_point() or y.is_complex():
+        if not bool(torch.isfinite(y).all()) or not bool((y == y.round()).all()):
+            raise UserError(f"{what} must hold integer class labels; it has non-integer or non-finite values")
+    y = y.long()
+    bad = (y < 0) | (y >= num_classes)
+    if bool(bad.any()):
+        idx = torch.nonzero(bad).flatten()
+        raise UserError(f"{what} has {len(idx)} labels outside [0, {num_classes}) for a model with {num_classes} "
+                        f"outputs (e.g. {y[idx[0]].item()} at position {idx[0].item()}); labels must be 0..C-1")
+    return y
+
+
+def num_outputs(model: nn.Module, X: Tensor) -> int:
+    """Classes C of a classifier: the last dimension of its output on one input."""
+    with torch.no_grad():
+        out = copy.deepcopy(model).to(X.device).eval()(X[:1])
+    return int(out.shape[-1])
+
+
+def auto_chunk(M: int, batch_size: int, X: Tensor) -> int:
+    """Models per vectorised step that keep a step's inputs and activations near 256 MB (rough)."""
     per_model = batch_size * X[:1].numel() * X.element_size() * 8  # inputs + activations, rough
     return max(1, min(M, int(2**28 // max(per_model, 1))))
 
@@ -193,13 +221,14 @@ def train_ensemble(model: nn.Module, X: Tensor, y: Tensor, masks: Tensor, *, epo
     _check_model(model)
     device = torch.device(device) if device is not None else X.device if isinstance(X, Tensor) else "cpu"
     X, y, masks = _as_tensors(X, y, masks, device)
+    y = check_labels(y, num_outputs(model, X)).to(device)
     M = masks.shape[0]
     if M == 0:
         raise UserError("train_ensemble needs at least one mask")
     ids = np.arange(M) if model_ids is None else np.asarray(model_ids, dtype=np.int64)
     if len(ids) != M:
         raise UserError(f"model_ids has {len(ids)} entries for {M} masks")
-    chunk = int(chunk) if chunk else _auto_chunk(M, batch_size, X)
+    chunk = int(chunk) if chunk else auto_chunk(M, batch_size, X)
     base = copy.deepcopy(model).to(device).train()
     step_grad = vmap(grad(_loss(base)), randomness="different")
     out: list[dict[str, Tensor]] = []
@@ -240,7 +269,7 @@ def predict_ensemble(model: nn.Module, params: dict[str, Tensor], X: Tensor, chu
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:
     """Correct-class logit minus the largest other logit, (M, N) from logits (M, N, C) and labels (N,)."""
-    y = torch.as_tensor(y, device=logits.device).long()
+    y = check_labels(y, logits.shape[-1]).to(logits.device)
     idx = y.view(1, -1, 1).expand(logits.shape[0], -1, 1)
     correct = logits.gather(-1, idx).squeeze(-1)
     others = logits.scatter(-1, idx, float("-inf"))
@@ -249,6 +278,6 @@ def margins(logits: Tensor, y: Tensor) -> Tensor:
 
 def losses(logits: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy loss (M, N) of every model on every point."""
-    y = torch.as_tensor(y, device=logits.device).long()
+    y = check_labels(y, logits.shape[-1]).to(logits.device)
     M, N, C = logits.shape
     return F.cross_entropy(logits.reshape(M * N, C), y.repeat(M), reduction="none").view(M, N)
