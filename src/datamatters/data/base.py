@@ -98,6 +98,7 @@ class IndexedDataModule(L.LightningDataModule):
         self.splits: dict[str, Split] = {}
         self.is_corrupted = np.zeros(0, dtype=bool)
         self._ready = False
+        self.train_loader_factory: Callable | None = None  # dataset -> train loader (InfoBatch's per-epoch sampler)
 
     # ---- hooks for subclasses -------------------------------------------------------------------------------
     def load_sources(self) -> dict[str, tuple[Any, np.ndarray]]:
@@ -180,6 +181,8 @@ class IndexedDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=bs, shuffle=shuffle, generator=gen, drop_last=drop_last, **kw)
 
     def train_dataloader(self) -> DataLoader:
+        if self.train_loader_factory is not None:
+            return self.train_loader_factory(self.dataset(self.fit_split, augment=self.augment))
         return self.loader(self.fit_split, shuffle=True, augment=self.augment, shard=True)
 
     def val_dataloader(self) -> DataLoader:

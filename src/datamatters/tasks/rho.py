@@ -1,6 +1,7 @@
 """The main job: RHO-LOSS target training (or a baseline rule), with the IL model trained first if needed."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from datamatters.tasks.building import (build_datamodule, build_network, build_o
                                         build_trainer, last_checkpoint)
 from datamatters.tasks.common import RunContext, job, log_image, make_loggers, print_summary, write_summary
 from datamatters.tasks.irreducible import il_config_key, train_irreducible
+from datamatters.tasks.protocol import PEERS, attach_test_curve, il_seconds, peer_module, protocol_summary
 
 SUMMARY_KEYS = ["test/acc", "selection/corrupted_frac", "data/corrupted_frac", "trainer/steps", "trainer/examples_seen",
                 "selection/overhead", "time/wall_clock_s", "run_dir", "wandb/run_dir"]
@@ -49,7 +51,7 @@ def load_il_model(cfg: DictConfig, dm) -> torch.nn.Module:
 
 def validate_selection(cfg: DictConfig) -> None:
     sel = cfg.selection
-    if sel.method != "svp":
+    if sel.method not in ("svp", *PEERS):
         get_rule(sel.method)
     n_select(int(cfg.data.batch_size), float(sel.percent_train))
 
@@ -63,7 +65,8 @@ def run(cfg: DictConfig) -> dict:
     with job(cfg, "train") as ctx:
         dm = build_datamodule(cfg)
         train_idx = dm.split_indices("train")
-        il_table = il_model = None
+        il_table = il_model = il_path = None
+        t_il = time.perf_counter()
         needs_il = cfg.selection.method in NEEDS_IL
         if cfg.irreducible.get("checkpoint"):
             il_model = load_il_model(cfg, dm)
@@ -71,12 +74,14 @@ def run(cfg: DictConfig) -> dict:
             il_path = resolve_il_file(cfg, ctx)
             values, _ = load_irreducible_losses(il_path, dm.metadata("train"), train_idx)
             il_table = ILTable(train_idx, values)
+        il_s = il_seconds(il_path, t_il)
         make_loggers(ctx)
         corrupted = torch.zeros(int(train_idx.max()) + 1, dtype=torch.bool)
         corrupted[torch.as_tensor(train_idx)] = torch.as_tensor(dm.is_corrupted)
         steps_per_epoch = int(np.ceil(len(train_idx) / dm.batch_size))
         sel = cfg.selection
-        module = SelectiveModule(
+        module = peer_module(cfg, dm, num_classes=dm.num_classes, corrupted=corrupted) if sel.method in PEERS else \
+            SelectiveModule(
             build_network(cfg.model, dm), build_optimizer(cfg.optimizer), build_scheduler(cfg.get("scheduler")),
             num_classes=dm.num_classes, method=sel.method, percent_train=sel.percent_train, il_table=il_table,
             il_model=il_model, corrupted=corrupted, score_mode=sel.score_mode, update_bn_on_score=sel.update_bn_on_score,
@@ -85,12 +90,13 @@ def run(cfg: DictConfig) -> dict:
             seed=int(cfg.seed), channels_last=bool(sel.get("channels_last", False)))
         ckpt_dir = ctx.run_dir / "checkpoints"
         trainer = build_trainer(cfg, ctx, ckpt_dir=ckpt_dir)
+        curve = attach_test_curve(cfg, ctx, dm, trainer)
         trainer.fit(module, datamodule=dm, ckpt_path=last_checkpoint(ckpt_dir))
         test = trainer.test(module, datamodule=dm, verbose=False)[0]
-        return finish(ctx, dm, module, trainer, test)
+        return finish(ctx, dm, module, trainer, test, protocol_summary(cfg, curve, il_s))
 
 
-def finish(ctx: RunContext, dm, module: SelectiveModule, trainer, test: dict) -> dict:
+def finish(ctx: RunContext, dm, module: SelectiveModule, trainer, test: dict, protocol: tuple = ({}, {})) -> dict:
     if not trainer.is_global_zero:  # DDP: rank 0 holds the gathered totals and writes the results
         return {}
     selected = module.selected_indices()
@@ -110,6 +116,7 @@ def finish(ctx: RunContext, dm, module: SelectiveModule, trainer, test: dict) ->
         "selection/method": module.method,
     }
     artifacts = {"selected_indices": sel_path, "checkpoint_dir": ctx.run_dir / "checkpoints"}
+    metrics.update(protocol[0]), artifacts.update(protocol[1])
     curve = plot_learning_curves({module.method: ctx.run_dir / "csv" / "metrics.csv"}, ctx.run_dir / "learning_curve.png")
     if curve is not None:
         artifacts["learning_curve"] = curve

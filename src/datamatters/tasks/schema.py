@@ -16,6 +16,19 @@ class SVPSchema:
 
 
 @dataclass
+class InfoBatchSchema:
+    prune_ratio: float = 0.5
+    delta: float = 0.875
+
+
+@dataclass
+class SelectiveBackpropSchema:
+    beta: float = 3.0
+    history: int = 1024
+    prime_epochs: int = 1
+
+
+@dataclass
 class SelectionSchema:
     method: str = "reducible_loss"
     percent_train: float = 0.1
@@ -26,6 +39,8 @@ class SelectionSchema:
     temperature: Optional[Any] = None
     mc_samples: int = 10
     svp: SVPSchema = field(default_factory=SVPSchema)
+    infobatch: InfoBatchSchema = field(default_factory=InfoBatchSchema)
+    selective_backprop: SelectiveBackpropSchema = field(default_factory=SelectiveBackpropSchema)
 
 
 @dataclass
