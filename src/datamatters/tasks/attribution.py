@@ -1,0 +1,348 @@
+"""The attribution job: every attribution and valuation method on the same model, scored by LDS against one
+retraining ground truth, with what each cost.
+
+    python run.py +experiment=attribution_digits           # logistic regression and an MLP on digits
+    python run.py +experiment=attribution_digits attribution.methods=[direct,graddot] attribution.num_test=50
+
+Per model (``attribution.models``), resumable stage by stage (re-run into the same run dir, or share stores):
+
+1. **Ground truth** as dattri and Kronfluence define LDS: ``M`` subsets of exactly ``alpha * n`` training points, each
+   trained with ``S`` seeds by the batched ensemble trainer, margins and losses of every test point averaged over
+   the seeds, written block by block to a datamodels store (masks, margins, loss). Its metadata (data, split
+   checksums, model, recipe, alpha, M, S, seed) must match on re-use; a store made for other masks or another model is
+   refused with the differences.
+2. **The full-data model** (seed ``seed``, the recipe of the ground truth) that every gradient method explains.
+3. **Methods** (one cached row each, keyed by its settings and the ground truth): datamodels on 250..4,000 extra
+   subset models (their own store), TRAK over 1/10/50 independently trained models at two projection sizes, the
+   influence functions, TracIn, the curvature-free control, KNN-Shapley per test point on penultimate features, and
+   global values (TMC-Shapley, Banzhaf-MSR, Data-OOB) scored as a one-target LDS on the mean test loss.
+
+Writes ``attribution/<model>/table.md``, ``attribution.json`` (all rows), ``lds_vs_cost.png`` (logged to W&B with a
+table per model) and ``summary.json`` keys ``lds/<model>/<method>``, ``cost_s/<model>/<method>``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamatters.artifacts import array_checksum, config_hash, write_json
+from datamatters.errors import UserError
+from datamatters.tasks.building import build_datamodule, build_network
+from datamatters.tasks.common import job, log_image, log_metrics, make_loggers, print_summary, write_summary
+
+SPECIAL = ("datamodels", "trak", "tracin", "graddot", "knn_shapley")
+GLOBAL = ("tmc_shapley", "banzhaf_msr", "data_oob")
+
+
+@dataclass
+class TrainRecipe:
+    epochs: int = 60
+    batch_size: int = 64
+    lr: float = 0.01
+    weight_decay: float = 0.001
+    optimizer: str = "adam"
+
+
+@dataclass
+class GroundTruth:
+    store: Optional[str] = None   # root of the ground-truth stores (one per model); null: <run dir>/ground_truth
+    num_subsets: int = 100        # M
+    alpha: float = 0.5
+    seeds: int = 5                # S trainings per subset, outputs averaged
+    seed: int = 1
+    n_test: Optional[int] = None  # test points whose outputs are stored (the first n; null: the whole test split)
+    block: int = 20               # subsets per store write (resume granularity)
+
+
+@dataclass
+class DatamodelsCfg:
+    sizes: List[int] = field(default_factory=lambda: [250, 500, 1000, 2000, 4000])
+    seed: int = 2
+    block: int = 250
+    fit: Dict[str, Any] = field(default_factory=dict)  # fit_datamodels keyword arguments
+
+
+@dataclass
+class TrakCfg:
+    checkpoints: List[int] = field(default_factory=lambda: [1, 10, 50])
+    projection_dims: List[int] = field(default_factory=lambda: [64, 512])
+    seed: int = 3
+
+
+@dataclass
+class AttributionSchema:
+    models: List[Any] = field(default_factory=list)        # [{label, name, ...model config}]
+    methods: List[str] = field(default_factory=list)       # rows to run (influence keys, SPECIAL, GLOBAL)
+    num_test: int = 100
+    dtype: str = "float64"
+    n_boot: int = 1000
+    damping_factor: float = 0.1                            # lambda = factor x mean curvature eigenvalue
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    ground_truth: GroundTruth = field(default_factory=GroundTruth)
+    datamodels: DatamodelsCfg = field(default_factory=DatamodelsCfg)
+    trak: TrakCfg = field(default_factory=TrakCfg)
+    tracin_epochs: List[int] = field(default_factory=lambda: [10, 20, 30, 40, 50, 60])
+    knn_k: int = 5
+    influence: Dict[str, Any] = field(default_factory=dict)  # {row: {method, regularization, curvature, params}}
+    valuation: Dict[str, Any] = field(default_factory=dict)  # {tmc_shapley: {max_updates, max_time_s}, ...}
+    valuation_seed: int = 4
+
+
+def settings(cfg: DictConfig) -> DictConfig:
+    node = OmegaConf.select(cfg, "attribution")
+    if node is None:
+        raise UserError("no attribution config: use +experiment=attribution_digits (or attribution_mnist1d)")
+    try:
+        s = OmegaConf.merge(OmegaConf.structured(AttributionSchema), node)
+    except Exception as exc:  # omegaconf's ValidationError / ConfigKeyError
+        raise UserError(f"bad attribution config: {exc}".splitlines()[0]) from exc
+    if not s.models or not all(OmegaConf.is_dict(m) and "label" in m and "name" in m for m in s.models):
+        raise UserError("attribution.models must be a non-empty list of {label: ..., name: logistic|mlp|cnn, ...}")
+    labels = [m.label for m in s.models]
+    if len(set(labels)) != len(labels):
+        raise UserError(f"attribution.models labels must be unique, got {labels}")
+    known = set(s.influence) | set(SPECIAL) | set(GLOBAL)
+    bad = [m for m in s.methods if m not in known]
+    if bad:
+        raise UserError(f"unknown attribution methods {bad}; known: {sorted(known)}")
+    if s.num_test < 1 or s.ground_truth.num_subsets < 3 or s.ground_truth.seeds < 1:
+        raise UserError("attribution needs num_test >= 1, ground_truth.num_subsets >= 3 and ground_truth.seeds >= 1")
+    if s.dtype not in ("float32", "float64"):
+        raise UserError(f"attribution.dtype must be float32 or float64, got {s.dtype!r}")
+    return s
+
+
+# ---- ground truth ------------------------------------------------------------------------------------------------
+def _gt_meta(dm, label: str, model_cfg: dict, s: DictConfig, n_test: int) -> dict:
+    idx_te, lab_te = np.asarray(dm.split_indices("test"))[:n_test], np.asarray(dm.split_targets("test"))[:n_test]
+    return {"kind": "attribution_ground_truth", "dataset": dm.name, "data_seed": dm.seed,
+            "train_indices": array_checksum(np.asarray(dm.split_indices("train"))),
+            "train_labels": array_checksum(np.asarray(dm.split_targets("train"))),
+            "test_indices": array_checksum(idx_te), "test_labels": array_checksum(lab_te), "n_test": int(n_test),
+            "model": json.dumps(model_cfg, sort_keys=True), "recipe": json.dumps(dict(s.train), sort_keys=True),
+            "alpha": float(s.ground_truth.alpha), "seeds": int(s.ground_truth.seeds), "seed": int(s.ground_truth.seed),
+            "mask_mode": "fixed", "label": label}
+
+
+def _gt_masks(n: int, g: DictConfig, rows) -> np.ndarray:
+    from datamatters.datamodels import block_masks
+
+    return block_masks(n, float(g.alpha), int(g.seed), list(rows), mode="fixed")
+
+
+def ground_truth(path: Path, dm, label: str, model_cfg: dict, s: DictConfig, template, Xtr, ytr, Xte, yte,
+                 device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(masks (M, n), margins (M, T_all), losses (M, T_all), seconds trained now): trains the missing rows."""
+    from datamatters.datamodels import initialize_store, open_store, run_worker, standard_spec
+    from datamatters.training.ensemble import losses, margins, predict_ensemble, train_ensemble
+
+    g, n, T = s.ground_truth, len(ytr), len(yte)
+    spec = standard_spec(int(g.num_subsets), n, T, outputs=("masks", "margins", "loss"),
+                         meta=_gt_meta(dm, label, model_cfg, s, T))
+    if (path / "spec.json").is_file():
+        on_disk = open_store(path, mode="r").spec
+        if on_disk.meta.get("n_test") is not None and int(on_disk.meta["n_test"]) < T:
+            raise UserError(f"the ground-truth store {path} holds {on_disk.meta['n_test']} test points, this run scores "
+                            f"{T}; lower attribution.num_test or use a new ground_truth.store")
+        diff = on_disk.differences(spec)
+        if diff:
+            raise UserError(f"the ground-truth store {path} was made for other masks, data or model ("
+                            + "; ".join(diff)[:600] + "). Use another attribution.ground_truth.store or delete it.")
+    store = initialize_store(path, spec, exist_ok=True)
+    done = store.completed_rows()
+    if len(done) and not np.array_equal(np.asarray(store["masks"][done]), _gt_masks(n, g, done)):
+        raise UserError(f"the ground-truth store {path} holds masks this run would not draw (another mask seed or "
+                        "mask function); use a new ground_truth.store")
+    S = int(g.seeds)
+
+    def trainer(rows):
+        masks = _gt_masks(n, g, rows)
+        ids = [r * S + k for r in rows for k in range(S)]
+        params = train_ensemble(template, Xtr, ytr, np.repeat(masks, S, axis=0), seed=int(g.seed), model_ids=ids,
+                                device=device, **dict(s.train))
+        logits = predict_ensemble(template, params, Xte.to(next(iter(params.values())).device))
+        mg = margins(logits, yte).float().cpu().numpy().reshape(len(rows), S, T).mean(1)
+        ls = losses(logits, yte).float().cpu().numpy().reshape(len(rows), S, T).mean(1)
+        return {"masks": masks, "margins": mg, "loss": ls}
+
+    t = time.perf_counter()
+    report = run_worker(store, trainer, range(int(g.num_subsets)), block_size=int(g.block))
+    secs = time.perf_counter() - t if report.done else 0.0
+    return np.asarray(store["masks"]), np.asarray(store["margins"]), np.asarray(store["loss"]), secs
+
+
+def datamodels_store(path: Path, meta: dict, d: DictConfig, s: DictConfig, template, Xtr, ytr, Xte, yte, device):
+    """The extra subset models for the datamodels rows (one seed each, alpha of the ground truth); returns the
+    store and the seconds per trained model (measured now, or recorded when the rows were trained)."""
+    from datamatters.datamodels import BatchedSubsetTrainer, initialize_store, run_worker, standard_spec
+
+    N = max(int(x) for x in d.sizes)
+    spec = standard_spec(N, len(ytr), len(yte), outputs=("masks", "margins"),
+                         meta={**meta, "kind": "attribution_datamodels", "seed": int(d.seed), "seeds": 1})
+    store = initialize_store(path, spec, exist_ok=True)
+    trainer = BatchedSubsetTrainer(template, Xtr, ytr, Xte, yte, alpha=float(s.ground_truth.alpha), seed=int(d.seed),
+                                   mode="fixed", device=device, **dict(s.train))
+    timing = path.parent / "datamodels_timing.json"
+    t = time.perf_counter()
+    report = run_worker(store, trainer, range(N), block_size=int(d.block))
+    if report.done:
+        prev = json.loads(timing.read_text()) if timing.is_file() else {"seconds": 0.0, "models": 0}
+        prev = {"seconds": prev["seconds"] + time.perf_counter() - t, "models": prev["models"] + len(report.done)}
+        write_json(timing, prev)
+    if not timing.is_file():
+        raise UserError(f"{timing} is missing: the datamodels store {path} was filled elsewhere; its training "
+                        "cost is unknown (delete the store to retrain it here)")
+    rec = json.loads(timing.read_text())
+    return store, rec["seconds"] / max(rec["models"], 1)
+
+
+# ---- one model ---------------------------------------------------------------------------------------------------
+def _tensors(dm, split: str):
+    ds = dm.dataset(split)
+    if not hasattr(ds, "tensors"):
+        raise UserError(f"the attribution job needs an in-memory dataset ({dm.name} {split} is not)")
+    _, X, y = ds.tensors()
+    return X.float(), y.long()
+
+
+def _cached(path: Path, key: str, compute) -> list[dict]:
+    """A stage's rows from ``path`` when its key matches (a resumed run), else computed and saved."""
+    if path.is_file():
+        rec = json.loads(path.read_text())
+        if rec.get("key") == key:
+            return rec["rows"]
+    rows = compute()
+    rows = rows if isinstance(rows, list) else [rows]
+    write_json(path, {"key": key, "rows": rows})
+    return rows
+
+
+def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, out: Path, gt_root: Path) -> dict:
+    from datamatters.tasks import attribution_methods as am
+    from datamatters.training.ensemble import train_ensemble
+
+    dtype = torch.float64 if s.dtype == "float64" else torch.float32
+    device = "cuda" if torch.cuda.is_available() else None
+    Xtr, ytr = _tensors(dm, "train")
+    Xte_all, yte_all = _tensors(dm, "test")
+    T, n_gt = int(s.num_test), len(yte_all)
+    if s.ground_truth.n_test is not None:
+        n_gt = min(int(s.ground_truth.n_test), n_gt)
+    if T > n_gt:
+        raise UserError(f"attribution.num_test={T}, but the ground truth holds {n_gt} test points (the test split "
+                        f"has {len(yte_all)}, ground_truth.n_test={s.ground_truth.n_test}); lower num_test")
+    template = build_network(OmegaConf.create(model_cfg), dm)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.get("seed") or 0)
+
+    masks, mg, ls, gt_s = ground_truth(gt_root / label, dm, label, model_cfg, s, template, Xtr, ytr, Xte_all[:n_gt],
+                                       yte_all[:n_gt], device)
+    gt_key = config_hash({"meta": _gt_meta(dm, label, model_cfg, s, n_gt), "M": int(s.ground_truth.num_subsets)})
+
+    t = time.perf_counter()
+    full_params = train_ensemble(template, Xtr, ytr, np.ones((1, len(ytr)), bool), seed=seed, model_ids=[0],
+                                 device=device, **dict(s.train))
+    train_s = time.perf_counter() - t
+    p = am.Problem(label, template, Xtr, ytr, Xte_all[:T], yte_all[:T], dict(s.train), seed, dtype, None, train_s,
+                   masks, mg[:, :T].astype(np.float64), ls[:, :T].astype(np.float64), int(s.n_boot), device)
+    p.full = p.network(full_params)
+    with torch.no_grad():
+        acc = float((p.full(p.Xte.to(dtype)).argmax(1) == p.yte).float().mean())
+    spectrum = am.curvature_spectrum(p.full, p.data)
+    lam = float(s.damping_factor) * spectrum["mean"]
+    base = {"gt": gt_key, "seed": seed, "T": T, "dtype": s.dtype, "factor": float(s.damping_factor)}
+    rows: list[dict] = []
+    for name in s.methods:
+        key = config_hash({**base, "name": name, **_method_cfg(s, name)})
+        path = out / "rows" / f"{name}.json"
+        path.parent.mkdir(exist_ok=True)
+        if name == "datamodels":
+            store, per_model = datamodels_store(out / "datamodels_store", _gt_meta(dm, label, model_cfg, s, T),
+                                                s.datamodels, s, template, Xtr, ytr, p.Xte, p.yte, device)
+            fit_kw = OmegaConf.to_container(s.datamodels.fit, resolve=True)
+            rows += _cached(path, key, lambda: am.datamodels_rows(p, store, list(s.datamodels.sizes), per_model,
+                                                                  fit_kw))
+        elif name == "trak":
+            g2 = am.mean_sq_grad_norm(p.full, p.Xtr.to(dtype), p.ytr)
+            rows += _cached(path, key, lambda: am.trak_rows(p, list(s.trak.checkpoints), list(s.trak.projection_dims),
+                                                            float(s.damping_factor), int(s.trak.seed), g2))
+        elif name == "tracin":
+            rows += _cached(path, key, lambda: am.tracin_row(p, list(s.tracin_epochs)))
+        elif name == "graddot":
+            rows += _cached(path, key, lambda: am.graddot_row(p))
+        elif name == "knn_shapley":
+            rows += _cached(path, key, lambda: am.knn_row(p, int(s.knn_k)))
+        elif name in GLOBAL:
+            rows += _cached(path, key, lambda: am.valuation_row(p, name, s.valuation.get(name), int(s.valuation_seed)))
+        else:
+            rows += _cached(path, key, lambda: am.influence_row(p, name, s.influence[name], lam, spectrum))
+    return {"rows": rows, "test_acc": acc, "spectrum": spectrum, "damping_rule": lam, "train_s": train_s,
+            "ground_truth_train_s": gt_s, "n_train": int(len(ytr)), "n_test": T,
+            "n_parameters": int(sum(v.numel() for v in p.full.parameters()))}
+
+
+def _method_cfg(s: DictConfig, name: str) -> dict:
+    node = {"datamodels": s.datamodels, "trak": s.trak, "tracin": s.tracin_epochs, "knn_shapley": s.knn_k}.get(name)
+    if node is None:
+        node = s.valuation.get(name) if name in GLOBAL else s.influence.get(name)
+    return {"cfg": OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node,
+            "recipe": OmegaConf.to_container(s.train)}
+
+
+# ---- the job -----------------------------------------------------------------------------------------------------
+def _log_tables(ctx, tables: dict) -> None:
+    from datamatters.evaluation.attribution import COLUMNS
+
+    for lg in ctx.loggers:
+        if type(lg).__name__ == "WandbLogger":
+            for label, rows in tables.items():
+                lg.log_table(key=f"attribution/{label}", columns=list(COLUMNS),
+                             data=[[r.get(c) if not isinstance(r.get(c), dict) else str(r.get(c)) for c in COLUMNS]
+                                   for r in rows])
+
+
+def run(cfg: DictConfig) -> dict:
+    s = settings(cfg)
+    with job(cfg, cfg.task.get("job_type", "attribution")) as ctx:
+        from datamatters.evaluation.attribution import markdown_table, plot_lds_vs_cost
+
+        make_loggers(ctx)
+        dm = build_datamodule(cfg)
+        gt_root = Path(s.ground_truth.store) if s.ground_truth.store else ctx.run_dir / "ground_truth"
+        results, metrics, md = {}, {}, []
+        for model_cfg in s.models:
+            model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
+            label = model_cfg.pop("label")
+            res = run_model(label, model_cfg, cfg, s, dm, ctx.run_dir / "attribution" / label, gt_root)
+            results[label] = {"model": model_cfg, **res}
+            table = markdown_table(res["rows"], title=f"{dm.name} {label} ({res['n_parameters']} parameters, test acc "
+                                                      f"{res['test_acc']:.3f})")
+            (ctx.run_dir / "attribution" / label / "table.md").write_text(table + "\n")
+            md.append(table)
+            metrics[f"test/acc/{label}"] = res["test_acc"]
+            for r in res["rows"]:
+                metrics[f"lds/{label}/{r['method']}"] = r["lds"]
+                metrics[f"cost_s/{label}/{r['method']}"] = r["cost_s"]
+        tables = {k: v["rows"] for k, v in results.items()}
+        plot = plot_lds_vs_cost(tables, ctx.run_dir / "lds_vs_cost.png", title=dm.name)
+        (ctx.run_dir / "attribution.md").write_text("\n\n".join(md) + "\n")
+        protocol = {"dataset": dm.name, "num_test": int(s.num_test), "ground_truth": OmegaConf.to_container(
+            s.ground_truth), "train": OmegaConf.to_container(s.train), "damping_factor": float(s.damping_factor),
+            "lds": "Spearman per test point between sum of scores over a subset and the seed-averaged margin, mean "
+                   "over test points, bootstrap 95% CI over test points; global values: one target (minus mean test "
+                   "loss), CI over models"}
+        out = write_json(ctx.run_dir / "attribution.json", {"protocol": protocol, "models": results})
+        _log_tables(ctx, tables)
+        log_image(ctx, "attribution/lds_vs_cost", plot)
+        log_metrics(ctx, metrics)
+        summary = write_summary(ctx, metrics, {"results": out, "plot": plot, "tables": ctx.run_dir / "attribution.md"})
+        print("\n\n".join(md))
+        print_summary(summary, ["run_dir"], title="attribution")
+        return summary

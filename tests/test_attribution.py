@@ -1,0 +1,114 @@
+"""The attribution job (one LDS scale for every method): tiny end-to-end runs, the control, store reuse/refusal."""
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from conftest import compose_cfg
+from datamatters.errors import UserError
+from datamatters.evaluation.attribution import lds_one_target, markdown_table
+from datamatters.evaluation.metrics import lds_from_scores
+
+TINY = ["+experiment=attribution_digits", "logger.wandb.enabled=false", "attribution.models=[{label:logistic,name:logistic}]",
+        "attribution.num_test=12", "attribution.train.epochs=8", "attribution.ground_truth.num_subsets=8",
+        "attribution.ground_truth.seeds=2", "attribution.ground_truth.block=4", "attribution.n_boot=50"]
+FEW = ["attribution.methods=[direct,graddot,tracin,knn_shapley,trak,data_oob]", "attribution.trak.checkpoints=[1,2]",
+       "attribution.trak.projection_dims=[16]", "attribution.tracin_epochs=[4,8]",
+       "attribution.valuation.data_oob.n_estimators=30"]
+
+
+def run_job(tmp_path, overrides):
+    """The job in-process, UserErrors raised (``dispatch`` would turn them into exit 1)."""
+    from datamatters.tasks.attribution import run
+
+    return run(compose_cfg([f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *overrides]))
+
+
+def _results(summary):
+    return json.loads(open(summary["artifacts"]["results"]).read())
+
+
+def test_lds_matches_scipy_spearman():
+    rng = np.random.default_rng(0)
+    masks = rng.random((40, 25)) < 0.5
+    scores = rng.normal(size=(6, 25))
+    actual = masks @ scores.T + rng.normal(scale=2.0, size=(40, 6))
+    got = lds_from_scores(scores, masks, actual, n_boot=10)["mean"]
+    want = np.mean([stats.spearmanr(masks @ scores[t], actual[:, t])[0] for t in range(6)])
+    assert got == pytest.approx(want, abs=1e-12)
+    one = lds_one_target(masks @ scores[0], actual[:, 0], n_boot=200)
+    assert one["mean"] == pytest.approx(stats.spearmanr(masks @ scores[0], actual[:, 0])[0], abs=1e-12)
+    assert one["ci_low"] < one["mean"] < one["ci_high"]
+    with pytest.raises(UserError, match="NaN"):
+        lds_one_target([1.0, np.nan, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_tiny_job_end_to_end_and_resume(tmp_path):
+    s = run_job(tmp_path, TINY + FEW)
+    res = _results(s)["models"]["logistic"]
+    names = {r["method"] for r in res["rows"]}
+    assert {"direct", "control: grad dot", "tracin (2 ckpts)", "knn-shapley (k=5)", "trak-1 (k=16)", "trak-2 (k=16)",
+            "data_oob"} <= names
+    for r in res["rows"]:
+        assert -1 <= r["ci_low"] <= r["lds"] <= r["ci_high"] <= 1, r
+        assert r["cost_s"] >= r["seconds"] >= 0 and s[f"lds/logistic/{r['method']}"] == r["lds"]
+    assert {r["group"] for r in res["rows"] if r["method"] == "data_oob"} == {"global"}
+    assert res["ground_truth_train_s"] > 0
+    run = tmp_path / "run"
+    assert (run / "lds_vs_cost.png").stat().st_size > 1000
+    assert "| direct |" in (run / "attribution" / "logistic" / "table.md").read_text()
+    assert [r["trainings"] for r in res["rows"] if r["family"] == "trak k=16"] == [1, 2]
+    # re-run into the same dir: nothing is retrained, rows come back identical
+    again = _results(run_job(tmp_path, TINY + FEW))["models"]["logistic"]
+    assert again["ground_truth_train_s"] == 0
+    assert again["rows"] == res["rows"]
+
+
+@pytest.mark.slow
+def test_datamodels_curve_in_the_job(tmp_path):
+    s = run_job(tmp_path, TINY + ["attribution.methods=[datamodels]", "attribution.datamodels.sizes=[220,260]",
+                                  "attribution.datamodels.block=130"])
+    rows = {r["method"]: r for r in _results(s)["models"]["logistic"]["rows"]}
+    assert rows["datamodels-220"]["trainings"] == 220 and rows["datamodels-260"]["trainings"] == 260
+    assert rows["datamodels-260"]["cost_s"] > rows["datamodels-260"]["seconds"]  # the trainings are charged
+
+
+def test_control_scores_clearly_below_direct_on_logistic(tmp_path):
+    s = run_job(tmp_path, ["+experiment=attribution_digits", "logger.wandb.enabled=false",
+                           "attribution.models=[{label:logistic,name:logistic}]", "attribution.num_test=30",
+                           "attribution.train.epochs=30", "attribution.ground_truth.num_subsets=40",
+                           "attribution.ground_truth.seeds=2", "attribution.n_boot=100",
+                           "attribution.methods=[direct,graddot]"])
+    direct, control = s["lds/logistic/direct"], s["lds/logistic/control: grad dot"]
+    assert direct > 0.6 and direct - control > 0.15, (direct, control)
+
+
+def test_ground_truth_store_refused_for_other_masks_or_model(tmp_path):
+    store = tmp_path / "gt"
+    base = TINY + [f"attribution.ground_truth.store={store}", "attribution.methods=[graddot]"]
+    run_job(tmp_path / "a", base)
+    with pytest.raises(UserError, match="other masks, data or model.*alpha"):
+        run_job(tmp_path / "b", base + ["attribution.ground_truth.alpha=0.3"])
+    with pytest.raises(UserError, match="other masks, data or model.*'recipe'"):
+        run_job(tmp_path / "c", base + ["attribution.train.epochs=5"])
+    with pytest.raises(UserError, match="other masks, data or model.*meta 'model'"):
+        run_job(tmp_path / "e", base + ["attribution.models=[{label:logistic,name:mlp,hidden:[4]}]"])
+    with pytest.raises(UserError, match="ground truth holds 5 test points"):
+        run_job(tmp_path / "d", base + ["attribution.ground_truth.n_test=5"])
+
+
+def test_bad_input_is_one_clear_message(tmp_path):
+    with pytest.raises(UserError, match="TracIn needs the checkpoints"):
+        run_job(tmp_path, TINY + ["attribution.methods=[tracin]", "attribution.tracin_epochs=[]"])
+    with pytest.raises(UserError, match="unknown attribution methods"):
+        run_job(tmp_path, TINY + ["attribution.methods=[nope]"])
+
+
+def test_markdown_table_groups_global_values_last():
+    rows = [{"method": "v", "group": "global", "lds": 0.5, "ci_low": 0.4, "ci_high": 0.6},
+            {"method": "a", "lds": 0.1, "ci_low": 0.0, "ci_high": 0.2},
+            {"method": "b", "lds": 0.9, "ci_low": 0.8, "ci_high": 0.95}]
+    lines = markdown_table(rows).splitlines()
+    order = [line.split("|")[1].strip() for line in lines[2:]]
+    assert order[:2] == ["b", "a"] and "global values" in order[2] and order[3] == "v"
