@@ -179,3 +179,12 @@ def test_hydra_multirun_over_job_chunks(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir()) == ["0", "1"]
     for j in ("0", "1"):
         assert json.loads((tmp_path / "sweep" / j / "summary.json").read_text())["train/models_trained"] == 20
+
+
+def test_debug_fast_shrinks_the_whole_datamodels_job(tmp_path):
+    """``+experiment=digits_datamodels +debug=fast`` trains 40 + 10 models for one epoch (it trained 2,200)."""
+    s = run_job(tmp_path, ["+experiment=digits_datamodels", "+debug=fast", "datamodels.threads=1"])
+    assert (s["models/trained"], s["models/eval"]) == (40, 10)
+    assert s["fit/models"] == 40 and s["time/fit_s"] < 30 and np.isfinite(s["lds/mean"])
+    store = open_store(s["artifacts"]["store_train"], mode="r")
+    assert store.spec.num_models == 40 and store.completed.all()

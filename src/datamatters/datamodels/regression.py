@@ -222,6 +222,12 @@ def lasso_gram(Q: Tensor, q: Tensor, yy: Tensor, lam: Tensor | float, W0: Tensor
         return _solve_fixed(_BlockCD(Q, block), q, yy, lam, W0, tol, max_iter)
 
 
+# The duality gap in float32 (Gram form R^2 = yy - 2 q.w + w.Qw, a cancellation) is accurate to about 1e-6 var(y):
+# at tol=1e-7 float32 sweeps stall (some lambdas ran to max_iter, stopping ~1e-3 from the exact path), at 1e-6 and
+# above they converge like float64 (tests/test_datamodels_regression.py). Below this tol the solver runs in float64.
+F32_MIN_TOL = 1e-5
+
+
 # ---- the path with per-target lambdas, validation and early stopping -----------------------------------------------
 class _PathTracker:
     """Per-target position on the lambda path, validation MSE log, best weights and early stopping."""
@@ -485,12 +491,13 @@ def fit_datamodels(masks, outputs, rows: Sequence[int] | None = None, **kw) -> D
 def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: float = 0.1, seed: int = 0,
                    k: int = 100, eps: float = 1e-3, patience: int = 5, tol: float = 1e-4, max_iter: int = 5000,
                    block: int | None = None, start: int = 0, end: int | None = None, solver: str = "auto",
-                   gram_max_features: int = 20000, refit: bool = True, device=None, dtype=torch.float32,
+                   gram_max_features: int = 20000, refit: bool = True, device=None, dtype=None,
                    saga_batch: int = 256, saga_lr: float | None = None, saga_tol: float = 1e-6,
                    saga_max_epochs: int = 200, chunk: int = 2048, progress: bool = False) -> DatamodelFit:
     """The regression (see the module docstring); ``k`` lambdas from lambda_max to ``eps * lambda_max``, solved to
     duality gap ``tol`` by block coordinate descent (``block`` coordinates per block, default min(64, N/8); at most
-    ``max_iter`` sweeps per lambda) or by SAGA."""
+    ``max_iter`` sweeps per lambda) or by SAGA. ``dtype=None``: float32 sweeps when ``tol >= F32_MIN_TOL``, else
+    float64 (float32's duality gap is only accurate to ~1e-6 var(y): below that it stalls, see ``F32_MIN_TOL``)."""
     from datamatters.datamodels.store import DatamodelStore
 
     t0 = time.time()
@@ -512,6 +519,8 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
     solver = ("gram" if p <= gram_max_features else "saga") if solver == "auto" else solver
     if solver not in ("gram", "saga"):
         raise UserError(f"solver must be auto, gram or saga, got {solver!r}")
+    if dtype is None:  # SAGA's own criterion (saga_tol on the step) does not need a float64 gap
+        dtype = torch.float32 if tol >= F32_MIN_TOL or solver == "saga" else torch.float64
     device = torch.device(device) if device is not None else torch.device("cpu")
     tslice = slice(start, end)
     tr, va = split_models(rows, val_fraction, seed)
@@ -572,7 +581,7 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
             "nnz": tracker.log_nnz.numpy(), "iters": tracker.log_iter.numpy()}
     meta = {"start": start, "end": end, "n_train_models": len(tr), "n_val_models": len(va), "seed": seed,
             "val_fraction": val_fraction, "k": k, "eps": eps, "patience": patience, "tol": tol, "solver": solver + ("-xform" if x_form else ""),
-            "refit": refit, "n_train": p, "block": block, "unconverged_lambdas": tracker.unconverged,
+            "refit": refit, "n_train": p, "block": block, "dtype": str(dtype).replace("torch.", ""), "unconverged_lambdas": tracker.unconverged,
             "seconds": round(time.time() - t0, 3), "device": str(device)}
     return DatamodelFit(W=W_raw.cpu().numpy(), b=b.cpu().numpy(), lam=lam.double().cpu().numpy(),
                         lam_index=tracker.best_k.cpu().numpy(), val_mse=tracker.best_mse.cpu().numpy(),
