@@ -56,3 +56,31 @@ def test_dask_cluster_gives_identical_values():
         address = c.scheduler_address
         for run in (tmc, msr, oob):
             np.testing.assert_array_equal(run().values, run(dask_address=address).values)
+
+
+def _pid_and_sum(payload, item):
+    import os
+
+    return os.getpid(), payload + item
+
+
+def test_local_workers_outlive_a_fit_and_read_each_fits_payload():
+    """Worker start (seconds of imports) is paid once per session, not per fit; a new fit's payload replaces
+    the old one in every worker, and its temporary file is removed when the fit ends."""
+    import os
+
+    from datamatters.valuation.parallel import make_executor
+
+    first = make_executor(2)
+    first.bind(100)
+    out = first.map(_pid_and_sum, range(6))
+    path, pool = first._path, first._pool
+    first.close()
+    assert [s for _, s in out] == [100, 101, 102, 103, 104, 105] and not os.path.exists(path)
+    second = make_executor(2)
+    second.bind(-1)
+    assert second._pool is pool  # the same processes
+    again = second.map(_pid_and_sum, range(6))
+    second.close()
+    assert [s for _, s in again] == [-1, 0, 1, 2, 3, 4]
+    assert os.getpid() not in {p for p, _ in out + again}

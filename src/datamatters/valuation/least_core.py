@@ -13,7 +13,6 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-from scipy.optimize import linprog
 
 from datamatters.errors import UserError
 from datamatters.valuation.base import Valuation
@@ -77,6 +76,8 @@ def solve_least_core(A: np.ndarray, b: np.ndarray, total: float, non_negative_su
     c = np.zeros(n + 1)
     c[-1] = 1.0
     bounds = [(None, None)] * n + [(0.0 if non_negative_subsidy else None, None)]
+    from scipy.optimize import linprog  # lazy: keeps `import datamatters.valuation` light for workers
+
     lp = linprog(c, A_ub=np.hstack([-A, -np.ones((m, 1))]) if m else None, b_ub=-b if m else None,
                  A_eq=np.hstack([np.ones((1, n)), np.zeros((1, 1))]), b_eq=[total], bounds=bounds, method="highs")
     if lp.status != 0:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from scipy.stats import spearmanr
 
 from datamatters.errors import UserError
 from datamatters.valuation.result import ValuationResult
@@ -263,6 +262,8 @@ class RankCorrelation(StoppingCriterion):
         if valid.sum() < max(2, self.fraction * len(r)):
             return False
         with np.errstate(invalid="ignore"):
+            from scipy.stats import spearmanr  # lazy: scipy.stats costs seconds to import (workers too)
+
             corr = float(spearmanr(prev_v[valid], r.values[valid])[0])
         done = bool(np.isfinite(corr) and np.isfinite(self._corr) and np.isclose(corr, self._corr, rtol=self.rtol))
         self._corr = corr
