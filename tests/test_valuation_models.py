@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 from sklearn.ensemble import BaggingClassifier, RandomForestClassifier
+from sklearn.linear_model import LogisticRegression
 from sklearn.naive_bayes import GaussianNB
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.tree import DecisionTreeClassifier
 
+from datamatters.errors import UserError
 from datamatters.valuation import (
     Dataset,
     LOOValuation,
@@ -249,3 +251,34 @@ def test_grouped_dataset_values_groups_of_rows():
                 exact[i] += (brute(list(S) + [g]) - brute(list(S))) / (4 * math.comb(3, size))
     np.testing.assert_allclose(r.values, exact, atol=1e-10)
     assert r.values.sum() == pytest.approx(brute(labels) - (-1.0))
+
+
+ITERATIONS = []
+
+
+class CountingLogisticRegression(LogisticRegression):
+    def fit(self, X, y):
+        super().fit(X, y)
+        ITERATIONS.append(int(self.n_iter_[0]))
+        return self
+
+
+def test_warm_start_along_a_permutation_gives_the_cold_fit_with_fewer_iterations():
+    train, test = toy(n=60, n_test=80)
+    perm = np.random.default_rng(0).permutation(60)
+    prefixes = np.arange(60)[None, :] < np.arange(20, 61)[:, None]  # prefixes of 20..60 points, in order
+    prefixes = prefixes[:, np.argsort(perm)]
+    scorer = SupervisedScorer("neg_log_loss", test)  # continuous: shows how close the models are
+    iters = {}
+    scores = {}
+    for warm in (False, True):
+        ITERATIONS.clear()
+        u = ModelUtility(CountingLogisticRegression(tol=1e-8, max_iter=5000), scorer, warm_start=warm)
+        scores[warm] = u.with_dataset(train).evaluate(prefixes)
+        iters[warm] = sum(ITERATIONS)
+    np.testing.assert_allclose(scores[True], scores[False], atol=1e-5)  # the same optimum
+    assert iters[True] < 0.85 * iters[False], iters  # measured: 0.72 (lbfgs keeps no curvature memory)
+    with pytest.raises(UserError, match="is an ensemble"):
+        ModelUtility(RandomForestClassifier(), scorer, warm_start=True)
+    with pytest.raises(UserError, match="has no warm_start parameter"):
+        ModelUtility(GaussianNB(), scorer, warm_start=True)

@@ -59,25 +59,39 @@ def sorted_neighbours(x_test, x_train, metric: str = "euclidean", metric_kw: dic
 def knn_shapley_values(order: np.ndarray, y_train: np.ndarray, y_test: np.ndarray, k: int) -> np.ndarray:
     """Sum over the test points of the exact KNN-Shapley values, from the neighbour order (T, n)."""
     T, n = order.shape
-    match = (np.asarray(y_train)[order] == np.asarray(y_test)[:, None]).astype(np.float64)
-    s = np.empty((T, n))
-    s[:, -1] = match[:, -1] / max(k, n)  # Jia et al.'s 1/n assumes K <= n; max(K, n) is exact for any K
+    match = np.asarray(y_train)[order] == np.asarray(y_test)[:, None]  # (T, n) bool
+    steps = np.empty((T, n))  # steps[:, i] = s(alpha_i) - s(alpha_{i+1}); the last one is s(alpha_n) itself
+    steps[:, -1] = match[:, -1] / max(k, n)  # Jia et al.'s 1/n assumes K <= n; max(K, n) is exact for any K
     if n > 1:
-        steps = (match[:, :-1] - match[:, 1:]) / np.maximum(k, np.arange(1, n))[None, :]
-        s[:, :-1] = s[:, -1:] + np.cumsum(steps[:, ::-1], axis=1)[:, ::-1]
+        np.subtract(match[:, :-1], match[:, 1:], out=steps[:, :-1], dtype=np.float64)
+        steps[:, :-1] /= np.maximum(k, np.arange(1, n))[None, :]
+    s = np.cumsum(steps[:, ::-1], axis=1)[:, ::-1]  # reversed cumulative sum: s(alpha_i) for every i
     return np.bincount(order.ravel(), weights=s.ravel(), minlength=n)
+
+
+BYTES_PER_PAIR = 48  # distances, order, steps, their cumulative sum (8 bytes each), match, and headroom
 
 
 class KNNShapleyValuation(Valuation):
     """Exact KNN-Shapley; ``model`` is a ``KNeighborsClassifier`` (its K and metric are used) or K itself
-    (Euclidean). Test points are processed in chunks of ``chunk`` to bound memory at ``chunk * n``."""
+    (Euclidean). Test points are processed in chunks of ``chunk`` (default: as many as fit in ``max_memory_mb``,
+    about 48 bytes per test-train pair), so memory stays bounded whatever the number of test points."""
 
     algorithm_name = "knn_shapley"
 
-    def __init__(self, model, test_data: Dataset, chunk: int = 1024, progress: bool = False):
+    def __init__(self, model, test_data: Dataset, chunk: int | None = None, max_memory_mb: float = 512,
+                 progress: bool = False):
         super().__init__()
         self.k, self.metric, self.metric_kw = _k_of(model)
-        self.test_data, self.chunk, self.progress = test_data, int(chunk), progress
+        if chunk is not None and int(chunk) < 1 or not max_memory_mb > 0:
+            raise UserError(f"KNN-Shapley needs chunk >= 1 and max_memory_mb > 0, got {chunk}, {max_memory_mb}")
+        self.test_data, self.chunk, self.max_memory_mb = test_data, chunk, float(max_memory_mb)
+        self.progress = progress
+
+    def chunk_size(self, n_train: int) -> int:
+        if self.chunk is not None:
+            return int(self.chunk)
+        return max(1, int(self.max_memory_mb * 2**20 // (BYTES_PER_PAIR * max(n_train, 1))))
 
     def fit(self, data: Dataset, continue_from: ValuationResult | None = None) -> "KNNShapleyValuation":
         if data.is_grouped:
@@ -86,10 +100,10 @@ class KNNShapleyValuation(Valuation):
         _check(self.test_data, data)
         x, y = data.data()
         xt, yt = self.test_data.data()
-        total = np.zeros(len(data))
-        for s in range(0, len(xt), self.chunk):
-            order = sorted_neighbours(xt[s:s + self.chunk], x, self.metric, self.metric_kw)
-            total += knn_shapley_values(order, y, np.asarray(yt)[s:s + self.chunk], self.k)
+        total, c = np.zeros(len(data)), self.chunk_size(len(data))
+        for s in range(0, len(xt), c):
+            order = sorted_neighbours(xt[s:s + c], x, self.metric, self.metric_kw)
+            total += knn_shapley_values(order, y, np.asarray(yt)[s:s + c], self.k)
         values = total / len(xt)
         exact = ValuationResult(values, counts=np.ones(len(data), np.int64), indices=data.indices, names=data.names,
                                 algorithm=str(self), status="converged")
