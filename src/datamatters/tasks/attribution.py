@@ -282,7 +282,8 @@ def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, o
         elif name in GLOBAL:
             rows += _cached(path, key, lambda: am.valuation_row(p, name, s.valuation.get(name), int(s.valuation_seed)))
         else:
-            rows += _cached(path, key, lambda: am.influence_row(p, name, s.influence[name], lam, spectrum))
+            rows += _cached(path, key, lambda: am.influence_row(p, name, s.influence[name], float(s.damping_factor),
+                                                                  spectrum))
     return {"rows": rows, "test_acc": acc, "spectrum": spectrum, "damping_rule": lam, "train_s": train_s,
             "ground_truth_train_s": gt_s, "n_train": int(len(ytr)), "n_test": T,
             "n_parameters": int(sum(v.numel() for v in p.full.parameters()))}

@@ -105,7 +105,9 @@ def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def influence_row(p: Problem, name: str, spec: DictConfig, lam_rule: float, spectrum: dict) -> dict:
+def influence_row(p: Problem, name: str, spec: DictConfig, factor: float, spectrum: dict) -> dict:
+    """One influence method on the full model; ``regularization: rule`` (default) is ``factor`` (or the row's own
+    ``factor``) times the mean curvature eigenvalue, a number is used as it is."""
     from datamatters.influence import METHODS
 
     spec = _plain(spec) or {}
@@ -117,7 +119,7 @@ def influence_row(p: Problem, name: str, spec: DictConfig, lam_rule: float, spec
     accepted = inspect.signature(cls.__init__).parameters
     kw = dict(spec.get("params") or {})
     reg = spec.get("regularization", "rule")
-    kw["regularization"] = lam_rule if reg == "rule" else reg
+    kw["regularization"] = float(spec.get("factor", factor)) * spectrum["mean"] if reg == "rule" else reg
     if "curvature" in accepted:
         kw["curvature"] = spec.get("curvature", "gauss_newton")
     if "block_structure" in accepted and spec.get("block_structure"):
@@ -133,7 +135,7 @@ def influence_row(p: Problem, name: str, spec: DictConfig, lam_rule: float, spec
         inf.fit(p.data)
         scores = inf.influences(p.Xte.to(p.dtype), p.yte, p.Xtr.to(p.dtype), p.ytr).cpu().numpy()
     return row(name, p.lds(scores), m, trainings=1, grad_passes=1, damping=kw["regularization"],
-               train_s=p.train_s, curvature=kw.get("curvature"), family="influence")
+               train_s=p.train_s, curvature=kw.get("curvature"), family=spec.get("family"))
 
 
 def graddot_row(p: Problem) -> dict:
@@ -142,8 +144,7 @@ def graddot_row(p: Problem) -> dict:
     with Measure() as m:
         inf = GradientDotInfluence(copy.deepcopy(p.full), F.cross_entropy).fit(p.data)
         scores = inf.influences(p.Xte.to(p.dtype), p.yte, p.Xtr.to(p.dtype), p.ytr).cpu().numpy()
-    return row("control: grad dot", p.lds(scores), m, trainings=1, grad_passes=1, damping=None, train_s=p.train_s,
-               family="influence")
+    return row("control: grad dot", p.lds(scores), m, trainings=1, grad_passes=1, damping=None, train_s=p.train_s)
 
 
 def tracin_row(p: Problem, epochs: list[int]) -> dict:
@@ -168,7 +169,7 @@ def tracin_row(p: Problem, epochs: list[int]) -> dict:
                               learning_rates=float(p.recipe["lr"])).fit(p.data)
         scores = inf.influences(p.Xte.to(p.dtype), p.yte, p.Xtr.to(p.dtype), p.ytr).cpu().numpy()
     return row(f"tracin ({len(epochs)} ckpts)", p.lds(scores), m, trainings=1, grad_passes=len(epochs),
-               train_s=p.train_s, family="influence")
+               train_s=p.train_s)
 
 
 # ---- TRAK over independently trained models --------------------------------------------------------------------
