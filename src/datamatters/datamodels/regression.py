@@ -190,8 +190,10 @@ class _BlockCD:
                     S.addmm_(self.XsT[s:e].T, D)
                 W[s:e] += D
 
-    def run(self, q, yy, lam, W, S, tol: float, sweeps: int, done: int = 0) -> tuple[Tensor, Tensor, Tensor, int]:
-        """Up to ``sweeps`` sweeps (in place on W and the state S); returns (W, S, converged, sweeps done)."""
+    def run(self, q, yy, lam, W, S, tol: float, sweeps: int, done: int = 0, check: bool = True
+            ) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Up to ``sweeps`` sweeps (in place on W and the state S); returns (W, S, converged, sweeps done);
+        ``check=False``: no duality gap (the caller checks it)."""
         target = tol * yy.clamp(min=1e-30)
         conv = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
         n = 0
@@ -199,6 +201,8 @@ class _BlockCD:
             self.sweep(q, lam, W, S)
             if (done + n) % self.refresh == 0:
                 S = self.state(W)
+            if not check:
+                continue
             conv = duality_gap(None, q, yy, lam, W, self.qw(S)) <= target
             if bool(conv.all()):
                 break
@@ -248,7 +252,7 @@ class _PathTracker:
         self.unconverged = 0
 
     def lam(self, idx: Tensor) -> Tensor:
-        return self.lambdas[self.k[idx], idx]
+        return self.lambdas[self.k[idx].clamp(max=self.lambdas.shape[0] - 1), idx]
 
     def finish_lambda(self, idx: Tensor, W_cols: Tensor, iters: Tensor, converged: Tensor) -> Tensor:
         """Targets ``idx`` finished their current lambda with weights ``W_cols``: log, keep the best, advance.
@@ -282,43 +286,58 @@ def _path_gram(S: Standardised, tracker: _PathTracker, tol: float, max_iter: int
                progress: bool) -> None:
     """Walk the path: one sweep for all targets still on it, then targets whose gap converged (or that hit
     ``max_iter`` sweeps) record their lambda and move on, warm-started from a linear extrapolation of their last
-    two solutions; finished targets drop out."""
+    two solutions; finished targets drop out.
+
+    Column gathers and scatters of (p, T) arrays are strided and cost more than a sweep's arithmetic, so the warm
+    start is a masked full-array update, and targets that leave are frozen in place (weights, state and q set to
+    0: the sweep leaves such a column at 0) and compacted away only once they are 1/8 of the columns."""
     T = S.q.shape[1]
     idx = torch.arange(T, device=S.q.device)
     W = torch.zeros_like(S.q)
     St = cd.state(W)
-    q, yy = S.q, S.yy  # compacted to the targets still on the path
+    q, yy = S.q.clone(), S.yy  # compacted to the targets still on the path
     W_prev, St_prev = W.clone(), St.clone()  # solution at the previous lambda, for the extrapolated warm start
     it_lam = torch.zeros(T, dtype=torch.long, device=W.device)
+    alive = torch.ones(T, dtype=torch.bool, device=W.device)
     done = 0
     bar = _bar(progress, T, "lasso path (targets done)")
-    while len(idx):
-        W, St, conv, n = cd.run(q, yy, tracker.lam(idx), W, St, tol, 1, done)
-        done += n
-        it_lam += n
-        fin = conv | (it_lam >= max_iter)
-        if bool(fin.any()):
-            f = fin.nonzero().flatten()
-            lam_old = tracker.lam(idx[f])
-            leave = tracker.finish_lambda(idx[f], W[:, f], it_lam[f], conv[f])
-            it_lam[f] = 0
-            go = f[~leave]
-            if len(go):
-                # the lasso path is piecewise linear in lambda: extrapolate the last step (exact while the active set
-                # holds), for W and, by linearity, for its product St; about a third fewer sweeps per lambda
-                r = (tracker.lam(idx[go]) / lam_old[~leave]).to(W.dtype)
-                Wg, Sg = W[:, go], St[:, go]
-                dW, dS = Wg - W_prev[:, go], Sg - St_prev[:, go]
-                W_prev[:, go], St_prev[:, go] = Wg, Sg
-                W[:, go], St[:, go] = Wg + r * dW, Sg + r * dS
-            if bool(leave.any()):
-                keep = torch.ones(len(idx), dtype=torch.bool, device=idx.device)
-                keep[f[leave]] = False
-                idx, W, St, it_lam = idx[keep], W[:, keep].contiguous(), St[:, keep].contiguous(), it_lam[keep]
-                W_prev, St_prev = W_prev[:, keep].contiguous(), St_prev[:, keep].contiguous()
-                q, yy = q[:, keep].contiguous(), yy[keep]
-                if bar is not None:
-                    bar.update(int(leave.sum()))
+    while bool(alive.any()):
+        lam = torch.where(alive, tracker.lam(idx), torch.ones((), dtype=q.dtype, device=q.device))
+        # the gap is checked before sweeping: a warm start that is already converged (lambda_max's zero, or an
+        # extrapolation along an unchanged active set) moves on without a sweep
+        conv = duality_gap(None, q, yy, lam, W, cd.qw(St)) <= tol * yy.clamp(min=1e-30)
+        fin = (conv | (it_lam >= max_iter)) & alive
+        if not bool(fin.any()):
+            W, St, _, n = cd.run(q, yy, lam, W, St, tol, 1, done, check=False)
+            done += n
+            it_lam += n
+            continue
+        f = fin.nonzero().flatten()
+        lam_old = tracker.lam(idx[f])
+        leave = tracker.finish_lambda(idx[f], W[:, f], it_lam[f], conv[f])
+        it_lam[f] = 0
+        go = f[~leave]
+        if len(go):
+            # the lasso path is piecewise linear in lambda: extrapolate the last step (exact while the active set
+            # holds), for W and, by linearity, for its product St; about a third fewer sweeps per lambda
+            r = torch.zeros(len(idx), dtype=W.dtype, device=W.device)
+            r[go] = (tracker.lam(idx[go]) / lam_old[~leave]).to(W.dtype)
+            moved = r != 0
+            for X_, P_ in ((W, W_prev), (St, St_prev)):
+                step = X_ - P_
+                P_.copy_(torch.where(moved, X_, P_))
+                X_.add_(step * r)
+        if bool(leave.any()):
+            gone = f[leave]
+            alive[gone] = False
+            for A in (W, St, q, W_prev, St_prev):
+                A[:, gone] = 0
+            if bar is not None:
+                bar.update(len(gone))
+            if (~alive).sum() * 8 >= len(idx) or not bool(alive.any()):
+                keep = alive
+                idx, it_lam, alive, yy = idx[keep], it_lam[keep], alive[keep], yy[keep]
+                W, St, q, W_prev, St_prev = (A[:, keep].contiguous() for A in (W, St, q, W_prev, St_prev))
     if bar is not None:
         bar.close()
 
