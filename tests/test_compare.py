@@ -47,6 +47,15 @@ def test_speedup_table_against_hand_computed_values():
     assert 1.5 <= rho["sp_steps_lo"] <= rho["sp_steps"] <= rho["sp_steps_hi"] <= 4.0
     assert rho["final_acc"] == pytest.approx(0.925) and rho["il_s"] == 2.0
     assert slow["reached"] == 0 and math.isnan(slow["sp_steps"])
+    assert math.isnan(rho["sp_cpu"])  # curves without CPU seconds give no CPU-time speed-up
+
+
+def test_cpu_seconds_speedup_includes_the_il_cpu_cost():
+    runs = [{**r, "curve": [{**row, "train_cpu_s": row["train_s"] / 2} for row in r["curve"]]} for r in RUNS[:4]]
+    runs[2]["il_cpu_s"] = runs[3]["il_cpu_s"] = 1.0
+    rho = {r["label"]: r for r in speedup_table(runs, "uniform")}["rho"]
+    assert rho["sp_cpu"] == pytest.approx((0.75 + 2.0) / 2)              # same ratios as wall-clock here
+    assert rho["sp_cpu_il"] == pytest.approx((1.5 / 3 + 2.0 / 2) / 2)    # 1.5/(2+1) and 2/(1+1)
 
 
 def test_speedup_table_needs_its_baseline():

@@ -37,6 +37,7 @@ def test_test_every_epoch_curve_and_il_cost(tmp_path):
     assert c[-1]["test_acc"] == pytest.approx(s["test/acc"], abs=1e-6)  # the last epoch's model is the tested one
     assert s["test/best_epoch_acc"] == max(r["test_acc"] for r in c)
     assert s["time/train_s"] == pytest.approx(c[-1]["train_s"]) and 0 < c[0]["train_s"] < c[1]["train_s"]
+    assert 0 < c[0]["train_cpu_s"] < c[-1]["train_cpu_s"]
     il = s["time/il_s"]
     assert il > 0 and s["time/train_with_il_s"] == pytest.approx(s["time/train_s"] + il)
     side = list((tmp_path / "a").rglob("*.seconds.json"))
