@@ -182,6 +182,8 @@ def main():
     ap.add_argument("--cells", nargs="+", default=["mnist1d:uniform:0.1"], help="dataset:kind:noise, or 'all'")
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--seed-start", type=int, default=0, help="first seed (split a grid over processes; --merge)")
+    ap.add_argument("--merge", nargs="+", default=None, help="merge result JSONs (same setup) into --out and exit")
     ap.add_argument("--epochs", type=int, default=60, help="big-batch epochs (10%% of the data trained on per epoch)")
     ap.add_argument("--percent-train", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -196,6 +198,8 @@ def main():
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())))
         return
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     cells = ALL_CELLS if args.cells == ["all"] else args.cells
     torch.set_num_threads(1)
     started = time.time()
@@ -227,7 +231,7 @@ def main():
         cell = (dataset, kind, float(noise))
         run_method("uniform", cell, 0, argparse.Namespace(**{**vars(args), "epochs": 2}), None)  # warm-up
         runs = []
-        for seed in range(args.seeds):
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
             il, il_s, il_info = irreducible_losses(cell, seed, args) if "reducible_loss" in args.methods else (None, None, {})
             out["il"][f"{cell_s}:{seed}"] = il_info
             for m in args.methods:
@@ -238,6 +242,9 @@ def main():
                 print(f"{cell_s} seed={seed} {m:18s} best={r['best_acc']:.3f} final={r['final_acc']:.3f} "
                       f"steps={r['steps']} train_s={r['train_s']:.1f} corrupted={r['corrupted_frac']:.3f} "
                       f"overhead={r['overhead']:.2f}", flush=True)
+            out["partial"] = {"cell": cell_s, "runs": runs}  # every finished seed is on disk
+            path.write_text(json.dumps(out, indent=1))
+        out.pop("partial", None)
         out["runs"] += runs
         out["summary"][cell_s] = summarise(runs)
         out["cells_run"].append(cell_s)
@@ -249,6 +256,26 @@ def main():
                   f"steps x{row['sp_steps']:.2f} [{row['sp_steps_lo']:.2f}, {row['sp_steps_hi']:.2f}] "
                   f"time x{row['sp_secs']:.2f} with IL x{row['sp_secs_il']:.2f} final {row['final_acc']:.3f}", flush=True)
     plot(out, path.with_suffix(".png"))
+    print(json.dumps(out["goals"], indent=1))
+
+
+def merge(paths: list[str], dest: Path) -> None:
+    """One results JSON from several processes' (e.g. seeds 0-2 and 3-4 of a cell run side by side)."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    out = {k: v for k, v in parts[0].items() if k not in ("runs", "summary", "goals", "il", "partial")}
+    runs = [r for p in parts for r in p["runs"] + (p.get("partial") or {}).get("runs", [])]
+    out.update(runs=runs, il={k: v for p in parts for k, v in p["il"].items()}, merged_from=list(paths))
+    out["cells_run"] = sorted({r["cell"] for r in runs})
+    out["cells_not_run"] = sorted(set(out["cells_requested"]) | {c for p in parts for c in p["cells_requested"]}
+                                  - set(out["cells_run"]))
+    out["cells_requested"] = sorted({c for p in parts for c in p["cells_requested"]})
+    out["summary"] = {c: summarise([r for r in runs if r["cell"] == c]) for c in out["cells_run"]}
+    out["seeds_per_cell"] = {c: sorted({r["seed"] for r in runs if r["cell"] == c}) for c in out["cells_run"]}
+    out["reps"] = min(len(v) for v in out["seeds_per_cell"].values())
+    out["goals"] = goals(out["summary"])
+    dest.write_text(json.dumps(out, indent=1))
+    plot(out, dest.with_suffix(".png"))
+    print(markdown(out))
     print(json.dumps(out["goals"], indent=1))
 
 

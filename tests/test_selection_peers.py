@@ -194,3 +194,24 @@ def test_selective_backprop_job_on_digits_primes_then_backprops_a_fraction(tmp_p
     n_train = per_epoch[0]                                        # the primed first epoch trains on every example
     assert all(0.1 * n_train < k < 0.5 * n_train for k in per_epoch[1:])  # E[p] = 1 / (beta + 1) = 1/4
     assert s["selection/method"] == "selective_backprop" and s["test/acc"] > 0.3
+
+
+@pytest.mark.slow
+def test_infobatch_under_ddp_keeps_one_plan_across_ranks(tmp_path):
+    """2 gloo ranks: the scores are all-gathered every step, so both ranks draw the same plan each epoch (a rank
+    with a different plan would take a different number of steps and the job would hang or fail)."""
+    from conftest import run_cli
+    import json
+
+    run_dir = tmp_path / "ddp"
+    res = run_cli(["selection=infobatch", "trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=160",
+                   "trainer.max_epochs=4", "eval.test_every_epoch=true", "trainer.enable_progress_bar=false",
+                   "logger.wandb.enabled=false", f"hydra.run.dir={run_dir}"], tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    single = run_job(tmp_path / "single", _tiny("infobatch"))
+    n_train = _curve(single)[0]["examples_seen"]
+    # epochs 0 and 3 are full: 2 ranks x ceil(n / 2) points each; epochs 1 and 2 are pruned
+    full = 2 * -(-n_train // 2)
+    assert 2 * full + n_train < s["trainer/examples_seen"] < 4 * full
+    assert s["test/acc"] > 0.3
