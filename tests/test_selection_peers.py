@@ -107,6 +107,27 @@ def test_infobatch_sampler_shards_one_plan_across_ranks_in_equal_batches():
     assert len(shards[0]) == len(shards[1])
 
 
+@pytest.mark.parametrize("per_item", [False, True])
+def test_infobatch_loader_yields_the_plan_on_both_data_paths(per_item):
+    """In-memory data: whole batches by fancy indexing; other datasets (e.g. augmented images): per-item loading."""
+    from datamatters.data.indexed import IndexedDataset, TensorBase, TensorIndexedDataset
+    from datamatters.selection.infobatch import infobatch_loader
+
+    base = TensorBase(torch.arange(40, dtype=torch.float32)[:, None], torch.arange(40) % 3)
+    indices = np.arange(0, 40, 2)                                   # global indices 0, 2, ..., 38
+    ds = (IndexedDataset if per_item else TensorIndexedDataset)(base, indices)
+    st = InfoBatchState(indices, 10, prune_ratio=0.5)
+    st.update(torch.as_tensor(indices), torch.as_tensor(indices, dtype=torch.float32))  # below mean: 0..18
+    loader = infobatch_loader(ds, st, batch_size=4, seed=0)
+    loader.sampler.set_epoch(1)
+    batches = list(loader)
+    g = torch.cat([b[0] for b in batches])
+    assert [len(b[0]) for b in batches] == [4, 4, 4, 3] and len(set(g.tolist())) == 15   # 10 above + 5 of 10 below
+    assert set(range(20, 40, 2)) <= set(g.tolist())
+    assert torch.equal(torch.cat([b[1][:, 0] for b in batches]), g.float())              # x follows the index
+    assert torch.equal(st.weight_of(g) == 2.0, g < 20)
+
+
 def test_infobatch_bad_options_are_user_errors():
     with pytest.raises(UserError, match="prune_ratio must be in"):
         InfoBatchState(np.arange(3), 10, prune_ratio=1.0)
