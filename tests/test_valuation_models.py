@@ -282,3 +282,16 @@ def test_warm_start_along_a_permutation_gives_the_cold_fit_with_fewer_iterations
         ModelUtility(RandomForestClassifier(), scorer, warm_start=True)
     with pytest.raises(UserError, match="has no warm_start parameter"):
         ModelUtility(GaussianNB(), scorer, warm_start=True)
+
+
+def test_shallow_copies_only_where_they_are_clones():
+    from datamatters.valuation.utility import _copy_is_clone
+
+    train, test = toy()
+    template = LogisticRegression()
+    assert _copy_is_clone(template)
+    u = ModelUtility(template, SupervisedScorer("accuracy", test)).with_dataset(train)
+    u.evaluate(np.ones((2, len(train)), bool) & (np.arange(len(train)) < [[10], [20]]))
+    assert not hasattr(template, "coef_")  # the template is never fitted
+    assert not _copy_is_clone(LogisticRegression().fit(train.x, train.y))  # fitted: clone it
+    assert not _copy_is_clone(BaggingClassifier(DecisionTreeClassifier()))  # nested estimator: clone it

@@ -6,6 +6,7 @@ from datamatters.valuation.coefficients import BanzhafCoefficient, BetaCoefficie
 from datamatters.valuation.data_oob import DataOOBValuation
 from datamatters.valuation.dataset import Dataset
 from datamatters.valuation.knn import KNNClassifierUtility, KNNShapleyValuation
+from datamatters.valuation.logistic import LogisticUtility
 from datamatters.valuation.least_core import (
     ExactLeastCoreValuation,
     LeastCoreValuation,
@@ -43,7 +44,7 @@ __all__ = [
     "AbsoluteStandardError", "BanzhafCoefficient", "BanzhafValuation", "BetaCoefficient", "BetaShapleyValuation",
     "ClasswiseScorer", "ClasswiseShapleyValuation", "DataOOBValuation", "Dataset", "ExactLeastCoreValuation",
     "ExactShapleyValuation", "HistoryDeviation", "KNNClassifierUtility", "KNNShapleyValuation", "LOOValuation",
-    "LeastCoreValuation", "MonteCarloLeastCoreValuation", "TorchUtility",
+    "LeastCoreValuation", "LogisticUtility", "MonteCarloLeastCoreValuation", "TorchUtility",
     "MSRBanzhafValuation", "MaxChecks", "MaxTime", "MaxUpdates", "MinUpdates", "ModelUtility", "NoStopping",
     "RankCorrelation", "Scorer", "SemivalueValuation", "ShapleyCoefficient", "ShapleyValuation",
     "StoppingCriterion", "SupervisedScorer", "TMCShapleyValuation", "Utility", "UtilityCache", "Valuation",
