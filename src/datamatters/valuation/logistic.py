@@ -11,9 +11,9 @@ scikit-learn (the default score). Only the solver differs: a vectorised L-BFGS (
 line search) runs on all subsets of a batch together, with scikit-learn's own stopping rule (max |gradient| <=
 ``tol``, at most ``max_iter`` iterations), so each model equals scikit-learn's within the solver's tolerance. What
 it saves is scikit-learn's per-iteration Python overhead (~1 ms, for microseconds of arithmetic on small
-subsets): with several permutations walked side by side (``TMCShapleyValuation(batch_size=P)``), each step
-fits one prefix of every permutation in one call, each started from its previous prefix's solution (a warm start:
-the same optimum, fewer iterations).
+subsets): with several permutations walked side by side (``TMCShapleyValuation(batch_size=P, prefix_block=1)``:
+nothing is fitted after a truncation), each step fits one prefix of every permutation in one call, each started
+from its previous prefix's solution (a warm start: the same optimum, fewer iterations).
 """
 from __future__ import annotations
 
