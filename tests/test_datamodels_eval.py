@@ -36,7 +36,7 @@ def test_lds_is_spearman_of_mask_predictions():
     assert 0.5 < res["mean"] < 1 and res["ci_low"] <= res["mean"] <= res["ci_high"]
     shuffled = evaluate_lds((W, b), masks, actual[rng.permutation(300)], n_boot=200)
     assert abs(shuffled["mean"]) < 0.15  # no relation, no score
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"held-out masks \(300, 30\) / outputs .* do not match datamodels W"):
         evaluate_lds((W, b), masks[:, :30], actual)
 
 
@@ -89,7 +89,7 @@ def test_batched_trainer_rows_are_independent_of_blocks_and_offsets():
     off = BatchedSubsetTrainer(build_model("logistic", (1, 8, 8), 10), X[:80], y[:80], X[80:], y[80:],
                                id_offset=4, **kw)([0, 1])
     np.testing.assert_allclose(off["margins"], whole["margins"][4:], rtol=1e-5, atol=1e-6)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=r"unknown outputs \['grads'\]"):
         BatchedSubsetTrainer(build_model("logistic", (1, 8, 8), 10), X, y, X, y, outputs=("masks", "grads"))
 
 

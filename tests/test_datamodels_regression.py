@@ -169,11 +169,16 @@ def test_save_load_roundtrip(tmp_path):
         DatamodelFit.load(tmp_path / "nope.npz")
 
 
-@pytest.mark.parametrize("kw", [dict(start=3, end=2), dict(end=9), dict(val_fraction=0.0), dict(val_fraction=0.001),
-                                dict(k=0), dict(eps=2.0), dict(solver="cd")])
-def test_bad_settings_are_user_errors(kw):
+@pytest.mark.parametrize("kw, match", [
+    (dict(start=3, end=2), r"target slice \[3, 2\) is outside 0..3"),
+    (dict(end=9), r"target slice \[0, 9\) is outside 0..3"),
+    (dict(val_fraction=0.0), "need a validation split of at least 2 models"),
+    (dict(val_fraction=0.001), "need a validation split of at least 2 models"),
+    (dict(k=0), "need k >= 1, 0 < eps < 1"), (dict(eps=2.0), "need k >= 1, 0 < eps < 1"),
+    (dict(solver="cd"), "solver must be auto, gram or saga, got 'cd'")])
+def test_bad_settings_are_user_errors(kw, match):
     X, Y, _ = _problem(N=100, p=10, T=3)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=match):
         fit_datamodels(X, Y, **kw)
 
 

@@ -53,15 +53,19 @@ def test_spec_roundtrip_and_validation(tmp_path):
     # the reference's spec.json format (no meta) is accepted
     ref = {"num_models": 3, "schema": {"masks": {"shape": [5], "dtype": "bool_"}, "margins": {"shape": [2], "dtype": "float16"}}}
     assert DatamodelSpec.from_dict(ref).dtype("masks") == np.bool_
-    for bad in [{"num_models": 0, "schema": {"a": {"shape": [1], "dtype": "float32"}}},
-                {"num_models": 2, "schema": {}},
-                {"num_models": 2, "schema": {"_completed": {"shape": [1], "dtype": "uint8"}}},
-                {"num_models": 2, "schema": {"a/b": {"shape": [1], "dtype": "float32"}}},
-                {"num_models": 2, "schema": {"a": {"shape": [-1], "dtype": "float32"}}},
-                {"num_models": 2, "schema": {"a": {"shape": [1], "dtype": "object"}}},
-                {"num_models": 2, "schema": {"a": {"shape": [1]}}},
-                {"schema": {}}]:
-        with pytest.raises(UserError):
+    for bad, match in [({"num_models": 0, "schema": {"a": {"shape": [1], "dtype": "float32"}}}, "num_models >= 1"),
+                       ({"num_models": 2, "schema": {}}, "at least one key"),
+                       ({"num_models": 2, "schema": {"_completed": {"shape": [1], "dtype": "uint8"}}},
+                        "invalid schema key '_completed'"),
+                       ({"num_models": 2, "schema": {"a/b": {"shape": [1], "dtype": "float32"}}},
+                        "invalid schema key 'a/b'"),
+                       ({"num_models": 2, "schema": {"a": {"shape": [-1], "dtype": "float32"}}},
+                        "shape must be a list of non-negative ints"),
+                       ({"num_models": 2, "schema": {"a": {"shape": [1], "dtype": "object"}}},
+                        "is not a bool, integer or float type"),
+                       ({"num_models": 2, "schema": {"a": {"shape": [1]}}}, "needs 'shape' and 'dtype'"),
+                       ({"schema": {}}, "must have 'num_models' and 'schema'")]:
+        with pytest.raises(UserError, match=match):
             DatamodelSpec.from_dict(bad)
 
 
@@ -166,23 +170,23 @@ def test_row_is_flushed_before_its_flag(tmp_path):
     assert store.completed[[2, 5]].all() and store.completed.sum() == 2
 
 
-@pytest.mark.parametrize("bad", [
-    {"margins": np.zeros((1, N_T + 1), np.float32)},                 # shape
-    {"margins": np.full((1, N_T), np.nan, np.float32)},              # NaN
-    {"margins": np.full((1, N_T), np.inf, np.float32)},              # inf
-    {"margins": np.full((1, N_T), 1e39)},                            # overflows float32
-    {"masks": np.zeros((1, N_TRAIN), np.float32)},                   # float into bool
-    {"margins": None},                                               # missing key
-    {"extra": np.zeros((1, 2))},                                     # undeclared key
+@pytest.mark.parametrize("bad, match", [
+    ({"margins": np.zeros((1, N_T + 1), np.float32)}, r"'margins' has shape \(1, 5\), the spec wants \(1, 4\)"),
+    ({"margins": np.full((1, N_T), np.nan, np.float32)}, "'margins' has NaN or infinite values"),
+    ({"margins": np.full((1, N_T), np.inf, np.float32)}, "'margins' has NaN or infinite values"),
+    ({"margins": np.full((1, N_T), 1e39)}, r"NaN or infinite values \(after casting to float32\)"),  # overflow
+    ({"masks": np.zeros((1, N_TRAIN), np.float32)}, "'masks' has dtype float32, which cannot be stored as bool"),
+    ({"margins": None}, r"missing \['margins'\]"),
+    ({"extra": np.zeros((1, 2))}, r"unexpected \['extra'\]"),
 ])
-def test_bad_outputs_rejected_before_any_write(tmp_path, bad):
+def test_bad_outputs_rejected_before_any_write(tmp_path, bad, match):
     store = initialize_store(tmp_path / "s", _spec())
     good = {k: v[None] for k, v in _row(1).items()}
     vals = {**good, **{k: v for k, v in bad.items() if v is not None}}
     for k, v in bad.items():
         if v is None:
             vals.pop(k)
-    with pytest.raises(UserError):
+    with pytest.raises(UserError, match=match):
         store.write_rows([1], vals)
     assert not store["masks"].any() and not store["margins"].any() and not store.completed.any()
 
