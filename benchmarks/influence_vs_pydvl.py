@@ -188,6 +188,7 @@ def main() -> None:
     ap.add_argument("--n-test-cg", type=int, default=20, help="test points for CG (pyDVL solves them one by one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke run)")
+    ap.add_argument("--merge", action="store_true", help="keep the other methods' entries of an existing --out file")
     ap.add_argument("--cfg", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--evaluate", action="store_true",
                     help="instead: every method on digits (LDS, noisy-label AUC, agreement with Direct)")
@@ -224,7 +225,8 @@ def main() -> None:
                 runs[m][side].append(r)
                 print(f"rep {rep} {m:8s} {side:5s} " + " ".join(f"{k}={v:.2f}" for k, v in r.items()
                                                                if isinstance(v, float)), flush=True)
-    direct = np.load(a.work / "direct_ours_calculator.npy") if "direct" in a.methods else None
+    direct_file = a.work / "direct_ours_calculator.npy"
+    direct = np.load(direct_file) if "direct" in a.methods or (a.merge and direct_file.exists()) else None
     results = {}
     for m in a.methods:
         ours = np.load(a.work / f"{m}_ours_calculator.npy")
@@ -268,6 +270,11 @@ def main() -> None:
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "reps": a.reps, "results": results,
     }
+    if a.merge and a.out.exists():
+        old = json.loads(a.out.read_text())
+        doc["results"] = {**old.get("results", {}), **results}
+        doc["reps"] = {**({m: old.get("reps") for m in old.get("results", {})} if not isinstance(old.get("reps"), dict)
+                          else old["reps"]), **{m: a.reps for m in results}}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(doc, indent=2))
     print(table(doc))
@@ -305,14 +312,16 @@ def evaluate_methods(out: Path, num_models: int = 100, threads: int = 1) -> dict
     Xd, Xtd = X.double(), Xt.double()
     train = [(Xd[s:s + 256], y[s:s + 256]) for s in range(0, len(y), 256)]
     test = [(Xtd[s:s + 128], yt[s:s + 128]) for s in range(0, len(yt), 128)]
+    gn = {"regularization": 0.01, "curvature": "gauss_newton"}  # the configs' choice (see configs/influence)
     settings = {
-        "direct": {"regularization": 0.01},
-        "cg": {"regularization": 0.01},
-        "lissa": {"regularization": 0.01, "scale": 10.0, "maxiter": 300, "repetitions": 4},
-        "arnoldi": {"regularization": 0.01, "rank": 10},
-        "arnoldi_woodbury": {"regularization": 0.01, "rank": 10, "use_woodbury": True},
+        "direct": gn,
+        "direct_hessian": {"regularization": 0.01},
+        "cg": gn,
+        "lissa": {**gn, "scale": 10.0, "maxiter": 300, "repetitions": 4},
+        "arnoldi": {**gn, "rank": 10},
+        "arnoldi_woodbury": {**gn, "rank": 10, "use_woodbury": True},
         "ekfac": {"regularization": 0.01, "update_diagonal": True},
-        "nystroem": {"regularization": 0.01, "rank": 64},
+        "nystroem": {**gn, "rank": 64},
         "datainf": {"regularization": "auto", "block_structure": "layer_wise"},
         "trak": {"regularization": 1e-3, "projection_dim": 512},
     }
@@ -339,7 +348,8 @@ def evaluate_methods(out: Path, num_models: int = 100, threads: int = 1) -> dict
                        "influence", "n_train": int(len(y)), "n_test": int(len(yt)),
                        "heldout_models": num_models, "alpha": 0.5, "train_recipe": recipe,
                        "heldout_training_s": heldout_s},
-           "protocol": "one process, one BLAS thread, shared noisy 2-core machine; LDS with 1000 bootstrap CI",
+           "protocol": ("one process, one BLAS thread, shared noisy 2-core machine; LDS with 1000 bootstrap CI; "
+                        "vs_direct compares with Direct on the Gauss-Newton curvature (row 'direct')"),
            "results": res}
     out.write_text(json.dumps(doc, indent=2, default=float))
     return doc

@@ -7,7 +7,7 @@ from scipy import stats
 
 from conftest import compose_cfg
 from datamatters.errors import UserError
-from datamatters.evaluation.attribution import lds_one_target, markdown_table
+from datamatters.evaluation.attribution import lds_one_target, markdown_table, tables_from_results
 from datamatters.evaluation.metrics import lds_from_scores
 
 TINY = ["+experiment=attribution_digits", "logger.wandb.enabled=false", "attribution.models=[{label:logistic,name:logistic}]",
@@ -58,6 +58,8 @@ def test_tiny_job_end_to_end_and_resume(tmp_path):
     run = tmp_path / "run"
     assert (run / "lds_vs_cost.png").stat().st_size > 1000
     assert "| direct |" in (run / "attribution" / "logistic" / "table.md").read_text()
+    assert (run / "attribution" / "logistic" / "table.md").read_text().strip() in tables_from_results(
+        s["artifacts"]["results"])
     assert [r["trainings"] for r in res["rows"] if r["family"] == "trak k=16"] == [1, 2]
     # re-run into the same dir: nothing is retrained, rows come back identical
     again = _results(run_job(tmp_path, TINY + FEW))["models"]["logistic"]

@@ -120,6 +120,15 @@ def test_low_rank_and_stochastic_methods_within_documented_tolerance(linear):
         ar = ArnoldiInfluence(linear["model"], F.mse_loss, regularization=LAM, rank=9, use_woodbury=woodbury,
                               tol=1e-10).fit(linear["data"])
         assert _rel(ar.influences(*args), want) < 1e-6
+    # compact factors (coordinates in the eigenbasis) give the same influences as parameter-space ones
+    compact = ArnoldiInfluence(linear["model"], F.mse_loss, regularization=LAM, rank=9, tol=1e-10).fit(linear["data"])
+    full = ArnoldiInfluence(linear["model"], F.mse_loss, regularization=LAM, rank=9, tol=1e-10,
+                            compact=False).fit(linear["data"])
+    assert compact.feature_dim == 9 and full.feature_dim == P
+    for mode in ("up", "perturbation"):
+        assert _rel(compact.influences(*args, mode=mode), full.influences(*args, mode=mode)) < 1e-10
+    fc = compact.influence_factors(linear["Xt"], linear["Yt"])
+    assert _rel(compact.expand_factors(fc), full.influence_factors(linear["Xt"], linear["Yt"])) < 1e-10
     # mini-batch LiSSA (batches of 6 of 48): one chain plateaus at its noise level (~35% error here);
     # averaging repetitions lowers it
     errs = {}

@@ -150,3 +150,21 @@ def plot_lds_vs_cost(tables: dict[str, Sequence[dict]], path: str | Path, title:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def tables_from_results(path: str | Path, plot: str | Path | None = None) -> str:
+    """The markdown tables (and, with ``plot``, the frontier PNG) of a job's ``attribution.json`` (or its copy in
+    ``benchmarks/results/``), so the README is regenerated from the results, not retyped."""
+    import json
+
+    rec = json.loads(Path(path).read_text())
+    models = rec.get("models")
+    if not isinstance(models, dict) or not models:
+        raise UserError(f"{path} is not an attribution results file (no 'models' record)")
+    md = [markdown_table(m["rows"], title=f"{rec.get('protocol', {}).get('dataset', '')} {label} "
+                                          f"({m.get('n_parameters')} parameters, test acc {m.get('test_acc', 0):.3f})")
+          for label, m in models.items()]
+    if plot is not None:
+        plot_lds_vs_cost({k: m["rows"] for k, m in models.items()}, plot,
+                         title=rec.get("protocol", {}).get("dataset", ""))
+    return "\n\n".join(md)

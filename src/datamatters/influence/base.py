@@ -7,6 +7,10 @@ Definitions (pyDVL's, kept):
 * ``influences(x_test, y_test, x, y, mode="up")[j, i] = <factor(z_test_j), g(z_i)>``;
 * ``mode="perturbation"``: ``[j, i, ...] = grad_x <factor(z_test_j), g(x_i, y_i)>`` (shape (m, n, *x.shape[1:])).
 
+Factors live in the method's *feature space*: parameter space (p numbers) for most methods, the random projection
+for TRAK, and the top-eigenvector coordinates for Arnoldi without Woodbury (``expand_factors`` maps those back);
+influences are the same numbers either way, only cheaper to multiply.
+
 Sign: ``g_test^T H^-1 g_train`` is *minus* the derivative of the test loss when ``z_i`` is up-weighted, so a
 **positive influence means that training on z_i lowers the test point's loss** (raises its margin). That is the
 orientation the attribution scores and LDS use (``evaluate.attribution_scores`` returns the values as they are).
@@ -124,6 +128,13 @@ class InfluenceModel(ABC):
     # ---- features (per-example gradients unless a method projects them) -------------------------------------
     def features(self, x: Tensor, y: Tensor) -> Tensor:
         return self.fn.grads(x, y, chunk=self.grad_chunk)
+
+    def expand_factors(self, factors: Tensor) -> Tensor:
+        """Factors in parameter space (pyDVL's ``H^-1 g``); identity unless the method uses a reduced space."""
+        if self.feature_dim != self.n_parameters:
+            raise UserError(f"{type(self).__name__} factors live in a {self.feature_dim}-dimensional projection that "
+                            "cannot be mapped back to the parameters")
+        return factors
 
     def feature_rows(self, x: Tensor, y: Tensor) -> Tensor:
         """Checked ``features``: what ``influences_from_factors`` multiplies the factors with (up mode)."""

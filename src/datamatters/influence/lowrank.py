@@ -63,7 +63,7 @@ def lanczos_eigs(matmat: MatMat, p: int, rank: int, *, block: int | None = None,
     rank = int(min(rank, p))
     if rank < 1:
         raise UserError(f"rank must be >= 1, got {rank}")
-    b = int(min(p, block or rank))
+    b = int(min(p, block or max(2, min(8, rank // 2))))  # small blocks: fewest products for the same accuracy
     tol = max(float(tol), 50 * torch.finfo(dtype).eps)
     steps = int(max_iter) if max_iter else max(20, math.ceil(p / b))
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
