@@ -1,0 +1,89 @@
+"""README benchmark tables are generated from benchmarks/results/*.json: a stale README fails here."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", ROOT / "benchmarks" / "report.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def results(tmp_path, report, monkeypatch):
+    """A private copy of benchmarks/results that a test may edit."""
+    dst = tmp_path / "results"
+    shutil.copytree(ROOT / "benchmarks" / "results", dst, ignore=shutil.ignore_patterns("*.png"))
+    monkeypatch.setattr(report, "RESULTS", dst)
+    return dst
+
+
+def test_readme_blocks_equal_report_output(report):
+    """Every marker block in README.md and benchmarks/README.md is exactly what report.py renders now."""
+    readme = report.blocks((ROOT / "README.md").read_text())
+    assert {"datamodels", "valuation", "influence", "dynamics"} <= set(readme)
+    bench = report.blocks((ROOT / "benchmarks" / "README.md").read_text())
+    assert "index" in bench
+    for doc, found in (("README.md", readme), ("benchmarks/README.md", bench)):
+        for name, body in found.items():
+            assert body == report.render(name).strip("\n"), (
+                f"{doc} block {name!r} is stale: run `python benchmarks/report.py --write`")
+    assert report.main(["--check"]) == 0
+
+
+def test_changed_number_changes_the_table(report, results):
+    before = report.render("datamodels")
+    d = json.loads((results / "datamodels_regression.json").read_text())
+    case = d["cases"]["full_path"]
+    case["ours_cpu_s"]["median"] = case["sklearn_cpu_s"]["median"] / 25.0
+    case["speedup"] = 25.0
+    (results / "datamodels_regression.json").write_text(json.dumps(d))
+    after = report.render("datamodels")
+    assert after != before
+    assert "goal 20x: 25.0x — met" in after
+    assert "**goal 20x: 5.26x — missed**" in before  # the committed JSON's like-for-like full path misses the goal
+
+
+def test_extrapolated_numbers_are_marked(report, results):
+    d = json.loads((results / "valuation_scale.json").read_text())
+    d["cases"]["data_oob"].update(extrapolated=True, extrapolated_from="8 of 200 bags")
+    (results / "valuation_scale.json").write_text(json.dumps(d))
+    assert "(extrapolated from 8 of 200 bags)" in report.render("valuation_scale")
+    d["cases"]["data_oob"]["extrapolated"] = False
+    (results / "valuation_scale.json").write_text(json.dumps(d))
+    assert "extrapolated" not in report.render("valuation_scale")
+
+
+def test_write_and_check_on_a_stale_doc(report, results, tmp_path, monkeypatch):
+    doc = tmp_path / "README.md"
+    doc.write_text("intro\n\n<!-- report:influence -->\n| old | table |\n<!-- /report:influence -->\n\noutro\n")
+    monkeypatch.setattr(report, "DOCS", (doc,))
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    assert report.main(["--check"]) == 1
+    assert report.main(["--write"]) == 0
+    text = doc.read_text()
+    assert text.startswith("intro\n\n<!-- report:influence -->\n") and text.endswith("<!-- /report:influence -->\n\noutro\n")
+    assert "| old | table |" not in text and "**goal 3x:" in text
+    assert report.main(["--check"]) == 0
+
+
+def test_missing_file_and_unknown_marker(report, results):
+    (results / "influence_vs_pydvl.json").unlink()
+    assert "No results yet" in report.render("influence")
+    with pytest.raises(KeyError, match="unknown report marker 'nope'"):
+        report.render("nope")
+
+
+def test_formatting(report):
+    assert report.sig(151.58722987899964) == "152" and report.sig(0.42997) == "0.430"
+    assert report.sig(4214.355) == "4,214" and report.ratio(float("nan")) == "n/a"
+    assert report.goal_ge(8.4949, 20) == "**goal 20x: 8.49x — missed**"
+    assert report.goal_le(18.6, 60, unit=" s") == "goal 60 s: 18.6 s — met"
