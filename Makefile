@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-all bench-env clean
+.PHONY: install run test test-all bench-env bench-env-attribution clean
 
 install: $(STAMP)
 
@@ -28,6 +28,11 @@ test-all: install
 bench-env:
 	@test -x .venv-ref/bin/python || $(PYTHON) -m venv .venv-ref
 	.venv-ref/bin/python -m pip install -q -e . pydvl==0.10.0
+
+# traker and kronfluence for benchmarks/attribution_refs.py (their own venv; this package is installed there too).
+bench-env-attribution:
+	@test -x .venv-attr-refs/bin/python || $(PYTHON) -m venv .venv-attr-refs
+	.venv-attr-refs/bin/python -m pip install -q -e . traker==0.3.2 kronfluence==1.0.1
 
 clean:
 	rm -rf outputs multirun .pytest_cache
