@@ -3,7 +3,6 @@ the per-epoch test curve (``eval.test_every_epoch``), the IL model's cost, and b
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -14,17 +13,16 @@ from datamatters.tasks.building import build_network, build_optimizer, build_sch
 from datamatters.tasks.common import RunContext
 
 
-def il_seconds(il_path: Path | None, t0: float) -> float | None:
-    """Seconds the IL model's training plus its loss pass took (``t0``: ``time.perf_counter()`` before the IL file
-    was resolved). A file written by this run is timed now and the time is kept next to it (``<file>.seconds.json``),
-    so a run reusing the cached file reports the same cost; a file made elsewhere without that record: None."""
+def il_seconds(il_path: Path | None, trained_s: float | None) -> float | None:
+    """Seconds the IL model's training plus its loss pass took. ``trained_s``: measured by this run when it trained
+    the file (kept next to it as ``<file>.seconds.json``, so a later run reusing the cached file reports the same
+    cost); None when the file already existed: the record is read (None for a file made elsewhere without one)."""
     if il_path is None:
         return None
-    secs = time.perf_counter() - t0
-    il_path, side = Path(il_path), Path(il_path).with_suffix(".seconds.json")
-    if il_path.stat().st_mtime >= time.time() - secs - 1.0:  # written during this call
-        side.write_text(json.dumps({"il_s": secs}))
-        return secs
+    side = Path(il_path).with_suffix(".seconds.json")
+    if trained_s is not None:
+        side.write_text(json.dumps({"il_s": float(trained_s)}))
+        return float(trained_s)
     return float(json.loads(side.read_text())["il_s"]) if side.is_file() else None
 
 

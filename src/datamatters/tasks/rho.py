@@ -23,18 +23,20 @@ SUMMARY_KEYS = ["test/acc", "selection/corrupted_frac", "data/corrupted_frac", "
                 "selection/overhead", "time/wall_clock_s", "run_dir", "wandb/run_dir"]
 
 
-def resolve_il_file(cfg: DictConfig, ctx: RunContext) -> Path:
-    """The IL file to use: the configured one, else a cached file made from the same config, else train it now."""
+def resolve_il_file(cfg: DictConfig, ctx: RunContext) -> tuple[Path, float | None]:
+    """The IL file to use: the configured one, else a cached file made from the same config, else train it now.
+    Also returns the seconds the training took when this call trained it (None when the file already existed)."""
     il = cfg.irreducible
     if il.get("path"):
-        return Path(il.path)
+        return Path(il.path), None
     cached = Path(cfg.paths.cache_dir) / "irreducible" / f"{il_config_key(cfg)}.npz"
     if cached.is_file():
         print(f"reusing cached irreducible losses {cached}")
-        return cached
+        return cached, None
     print(f"no irreducible-loss file configured: training the IL model on the holdout split -> {cached}")
+    t0 = time.perf_counter()
     train_irreducible(cfg, ctx, cached)
-    return cached
+    return cached, time.perf_counter() - t0
 
 
 def load_il_model(cfg: DictConfig, dm) -> torch.nn.Module:
@@ -65,16 +67,15 @@ def run(cfg: DictConfig) -> dict:
     with job(cfg, "train") as ctx:
         dm = build_datamodule(cfg)
         train_idx = dm.split_indices("train")
-        il_table = il_model = il_path = None
-        t_il = time.perf_counter()
+        il_table = il_model = il_path = trained_s = None
         needs_il = cfg.selection.method in NEEDS_IL
         if cfg.irreducible.get("checkpoint"):
             il_model = load_il_model(cfg, dm)
         elif needs_il or cfg.irreducible.get("path"):
-            il_path = resolve_il_file(cfg, ctx)
+            il_path, trained_s = resolve_il_file(cfg, ctx)
             values, _ = load_irreducible_losses(il_path, dm.metadata("train"), train_idx)
             il_table = ILTable(train_idx, values)
-        il_s = il_seconds(il_path, t_il)
+        il_s = il_seconds(il_path, trained_s)
         make_loggers(ctx)
         corrupted = torch.zeros(int(train_idx.max()) + 1, dtype=torch.bool)
         corrupted[torch.as_tensor(train_idx)] = torch.as_tensor(dm.is_corrupted)
