@@ -187,7 +187,17 @@ def test_block_structures_and_per_block_regularization(linear):
         assert torch.allclose(op.matvec(torch.eye(op.size, dtype=torch.float64)), op.dense(), atol=1e-12)
 
 
-# ---- a small MLP on digits with strong regularisation: every method agrees with Direct -------------------------
+# ---- a small MLP on digits with weak regularisation: every method that estimates Direct agrees with it ----------
+# lambda = 0.03 is small next to the curvature (largest GGN eigenvalue 0.53, 14 above lambda), so the curvature
+# matters: the curvature-free gradient dot product, even at its best scale, is 26% off Direct (GGN) and 33% off
+# Direct (empirical Fisher). At lambda = 1.0 it reached Pearson 0.9989 and any method passed. The (indefinite)
+# Hessian needs lambda > 0.03 to be invertible by CG, so the methods are compared on the PSD Gauss-Newton.
+# EK-FAC (Kronecker factors per layer: 0.47 off the layer-wise GGN) and DataInf (harmonic mean of rank-one
+# curvatures: 5.3x off) are other approximations, not estimates of Direct; they are tested against their own
+# definitions above and below.
+LAM_MLP = 0.03
+
+
 @pytest.fixture(scope="module")
 def mlp():
     from sklearn.datasets import load_digits
@@ -203,24 +213,48 @@ def mlp():
         F.cross_entropy(model(X), Y).backward()
         opt.step()
     data = [(X[i:i + 60], Y[i:i + 60]) for i in range(0, 240, 60)]
-    ref = DirectInfluence(model, F.cross_entropy, regularization=1.0).fit(data)
     Xt, Yt = X[:20], Y[:20]
-    return dict(model=model, data=data, X=X, Y=Y, Xt=Xt, Yt=Yt, ref=ref.influences(Xt, Yt, X, Y))
+    refs = {c: DirectInfluence(model, F.cross_entropy, regularization=LAM_MLP, curvature=c).fit(data)
+            .influences(Xt, Yt, X, Y) for c in ("gauss_newton", "empirical_fisher")}
+    return dict(model=model, data=data, X=X, Y=Y, Xt=Xt, Yt=Yt, refs=refs)
 
 
-@pytest.mark.parametrize("make,min_corr", [
-    (lambda m: CgInfluence(m, F.cross_entropy, regularization=1.0), 0.99),
-    (lambda m: LissaInfluence(m, F.cross_entropy, regularization=1.0, maxiter=60, repetitions=2), 0.99),
-    (lambda m: ArnoldiInfluence(m, F.cross_entropy, regularization=1.0, rank=10), 0.99),
-    (lambda m: NystroemSketchInfluence(m, F.cross_entropy, regularization=1.0, rank=20), 0.99),
-    (lambda m: EkfacInfluence(m, F.cross_entropy, regularization=1.0, update_diagonal=True), 0.9),
-    (lambda m: DataInfInfluence(m, F.cross_entropy, regularization=1.0), 0.99),
-    (lambda m: TrakInfluence(m, F.cross_entropy, regularization=1.0, projection_dim=256), 0.99),
-], ids=["cg", "lissa", "arnoldi", "nystroem", "ekfac", "datainf", "trak"])
-def test_every_method_agrees_with_direct_under_strong_regularisation(mlp, make, min_corr):
-    inf = make(mlp["model"]).fit(mlp["data"])
-    got = inf.influences(mlp["Xt"], mlp["Yt"], mlp["X"], mlp["Y"])
-    assert agreement(got, mlp["ref"])["pearson"] >= min_corr
+GN = dict(regularization=LAM_MLP, curvature="gauss_newton")
+# (method, the Direct curvature it estimates, relative error bound): measured 5.7e-12 (CG), 1.3e-3 (LiSSA, 100
+# full-batch Neumann steps, contraction 1 - lambda/scale = 0.95), 0.0133 (Arnoldi: rank 60 + Woodbury), 0.0176
+# (Nystroem rank 120), 0.023 (TRAK, 2,000 random projections of 610 gradients); bounds ~1.5x the measured error.
+AGREEMENT = [
+    (lambda m: CgInfluence(m, F.cross_entropy, rtol=1e-10, atol=0.0, **GN), "gauss_newton", 1e-9),
+    (lambda m: LissaInfluence(m, F.cross_entropy, maxiter=100, repetitions=1, batch_size=240, scale=0.6, rtol=0.0,
+                              **GN), "gauss_newton", 0.002),
+    (lambda m: ArnoldiInfluence(m, F.cross_entropy, rank=60, tol=1e-4, use_woodbury=True, **GN), "gauss_newton", 0.02),
+    (lambda m: NystroemSketchInfluence(m, F.cross_entropy, rank=120, **GN), "gauss_newton", 0.025),
+    (lambda m: TrakInfluence(m, F.cross_entropy, regularization=LAM_MLP, projection_dim=2000), "empirical_fisher",
+     0.035),
+]
+
+
+def _best_scaled_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error of ``c * got`` for the best scale ``c`` (scale-free, like a correlation)."""
+    c = (got * ref).sum() / (got * got).sum()
+    return _rel(c * got, ref)
+
+
+@pytest.mark.parametrize("make,curvature,bound", AGREEMENT, ids=["cg", "lissa", "arnoldi", "nystroem", "trak"])
+def test_every_method_agrees_with_direct_under_weak_regularisation(mlp, make, curvature, bound):
+    got = make(mlp["model"]).fit(mlp["data"]).influences(mlp["Xt"], mlp["Yt"], mlp["X"], mlp["Y"])
+    assert _rel(got, mlp["refs"][curvature]) < bound
+
+
+def test_curvature_free_control_fails_the_agreement_bar(mlp):
+    """The gradient dot product ignores the curvature: it must fail every bound above, even rescaled optimally."""
+    from datamatters.influence.tracin import GradientDotInfluence
+
+    got = GradientDotInfluence(mlp["model"], F.cross_entropy).fit(mlp["data"]).influences(mlp["Xt"], mlp["Yt"],
+                                                                                         mlp["X"], mlp["Y"])
+    for _, curvature, bound in AGREEMENT:
+        assert _best_scaled_error(got, mlp["refs"][curvature]) > 5 * bound
+    assert agreement(got, mlp["refs"]["gauss_newton"])["pearson"] < 0.98  # 0.965 here; it was 0.9989 at lambda = 1
 
 
 def test_influences_swap_sides_and_self_influence(mlp):
@@ -361,3 +395,71 @@ def test_bad_input_gives_clear_errors(linear):
         tok = [(torch.randint(0, 5, (6, 1)), torch.randint(0, 2, (6,)))]
         DirectInfluence(emb, F.cross_entropy, regularization=1.0).fit(tok).influences(*tok[0], *tok[0],
                                                                                       mode="perturbation")
+
+
+# ---- non-finite values, labels out of range, options a method does not take -----------------------------------
+@pytest.mark.parametrize("cls", [DirectInfluence, CgInfluence], ids=["direct", "cg"])
+def test_non_finite_inputs_and_gradients_are_errors(linear, cls):
+    model, data, X, Y = linear["model"], linear["data"], linear["X"], linear["Y"]
+    nan_x = [(x.clone(), y) for x, y in data]
+    nan_x[2][0][3, 1] = float("nan")  # CG used to return an all-zero matrix, Direct NaN
+    with pytest.raises(UserError, match=r"training data: inputs x contain NaN or inf \(rows \[3\]\)"):
+        cls(model, F.mse_loss, regularization=LAM).fit(nan_x)
+    inf_y = [(x, y.clone()) for x, y in data]
+    inf_y[0][1][0, 0] = float("inf")
+    with pytest.raises(UserError, match="training data: labels y contain NaN or inf"):
+        cls(model, F.mse_loss, regularization=LAM).fit(inf_y)
+    big = [(x * 1e200, y) for x, y in data]  # finite inputs whose squared residuals overflow
+    with pytest.raises(UserError, match="loss of a batch is not finite"):
+        cls(model, F.mse_loss, regularization=LAM).fit(big)
+    broken = nn.Linear(D, M).double()
+    with torch.no_grad():
+        broken.bias[1] = float("nan")
+    with pytest.raises(UserError, match=r"non-finite parameters \(bias\)"):
+        cls(broken, F.mse_loss, regularization=LAM).fit(data)
+    inf = cls(model, F.mse_loss, regularization=LAM).fit(data)
+    Xn = X.clone()
+    Xn[5, 0] = float("nan")
+    with pytest.raises(UserError, match=r"influences \(train side\): inputs x contain NaN or inf \(rows \[5\]\)"):
+        inf.influences(X[:3], Y[:3], Xn, Y)
+    with pytest.raises(UserError, match="influence_factors: inputs x contain NaN"):
+        inf.influence_factors(Xn, Y)
+    with pytest.raises(UserError, match="non-finite gradients of the given points"):
+        inf.influences(X[:3], Y[:3], X * 1e160, Y)  # finite x, gradients (2/M) r x overflow
+    with pytest.raises(UserError, match="non-finite factors"):
+        inf.influences_from_factors(torch.full((1, P), float("nan"), dtype=torch.float64), X, Y)
+
+
+def test_labels_out_of_range_are_one_clear_error():
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(20, 3, generator=g, dtype=torch.float64), torch.randint(0, 4, (20,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(3, 4).double()
+    for bad in (7, -1):
+        Yb = Y.clone()
+        Yb[2] = bad
+        with pytest.raises(UserError, match=rf"training data: labels must be class indices in \[0, 4\).*got \[{bad}\]"):
+            DirectInfluence(model, F.cross_entropy, regularization=0.1).fit([(X, Yb)])
+    inf = DirectInfluence(model, F.cross_entropy, regularization=0.1).fit([(X, Y)])
+    with pytest.raises(UserError, match=r"influences \(test side\): labels must be class indices in \[0, 4\)"):
+        inf.influences(X[:2], torch.tensor([1, 4]), X, Y)
+    # a label the loss itself accepts (ignore_index) is not an error
+    ignore = lambda out, y: F.cross_entropy(out, y, ignore_index=-100)  # noqa: E731
+    fit = DirectInfluence(model, ignore, regularization=0.1).fit([(X, Y)])
+    assert fit.influences(X[:2], torch.tensor([1, -100]), X, Y).shape == (2, 20)
+
+
+def test_options_a_method_does_not_take_are_errors(linear):
+    from datamatters.influence.tracin import GradientDotInfluence
+
+    model = linear["model"]
+    with pytest.raises(UserError, match=r"EkfacInfluence does not take curvature="):
+        EkfacInfluence(model, F.mse_loss, curvature="hessian")
+    with pytest.raises(UserError, match=r"EkfacInfluence does not take block_structure="):
+        EkfacInfluence(model, F.mse_loss, block_structure="full")
+    with pytest.raises(UserError, match=r"TrakInfluence does not take curvature="):
+        TrakInfluence(model, F.mse_loss, curvature="gauss_newton")
+    with pytest.raises(UserError, match=r"DataInfInfluence does not take curvature="):
+        DataInfInfluence(model, F.mse_loss, regularization=0.1, curvature="hessian")
+    with pytest.raises(UserError, match=r"GradientDotInfluence does not take regularization="):
+        GradientDotInfluence(model, F.mse_loss, regularization=1.0)

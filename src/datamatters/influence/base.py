@@ -42,6 +42,13 @@ def as_mode(mode: Any) -> str:
     return value
 
 
+def reject_options(method: str, kw: dict, why: dict[str, str]) -> None:
+    """Options a method does not take are errors, not silently ignored: ``why`` maps option -> what it uses."""
+    for key, reason in why.items():
+        if key in kw:
+            raise UserError(f"{method} does not take {key}= ({reason}); remove it")
+
+
 def reiterable(data: Iterable, what: str = "training data") -> Iterable:
     if iter(data) is data:
         raise UserError(f"{what} must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
@@ -78,6 +85,7 @@ class InfluenceModel(ABC):
         self.timings: dict[str, float] = {}
         self._x_shape: tuple | None = None
         self._y_shape: tuple | None = None
+        self._n_classes: int | None = None  # outputs per example when labels are class indices
 
     # ---- fitting -------------------------------------------------------------------------------------------
     def fit(self, data: Iterable) -> "InfluenceModel":
@@ -89,25 +97,75 @@ class InfluenceModel(ABC):
         x0, y0 = split_batch(first)
         self._x_shape, self._y_shape = tuple(x0.shape[1:]), tuple(torch.as_tensor(y0).shape[1:])
         self.model.eval()  # influence is a property of the trained function: no dropout, frozen batch-norm stats
-        self.fn = ModelFunction(self.model, self.loss, self.blocks)
-        self.fn.check_fast_sum(x0, y0)
-        t = time.perf_counter()
-        self._fit(self._cache(data))
-        self.timings["fit_s"] = time.perf_counter() - t
+        bad = [k for k, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise UserError(f"the model has non-finite parameters ({', '.join(bad[:5])}): a diverged training run; "
+                            "retrain it (smaller learning rate) before computing influences")
+        fn = ModelFunction(self.model, self.loss, self.blocks)
+        x0, y0 = fn.prepare(x0, y0)
+        with torch.no_grad():
+            out0 = fn.forward(fn.theta, x0)
+        self._n_classes = int(out0.shape[1]) if out0.dim() == 2 and not y0.is_floating_point() else None
+        self.fn = fn
+        try:
+            t = time.perf_counter()
+            data = self._cache(data)
+            fn.check_fast_sum(x0, y0)
+            self._fit(data)
+            self.timings["fit_s"] = time.perf_counter() - t
+        except BaseException:
+            self.fn = None  # a failed fit leaves the model unfitted
+            raise
         return self
 
     def _cache(self, data: Iterable) -> Iterable:
-        """The training batches as a list of prepared (x, y) tensors when they hold at most ``data_cache`` numbers:
-        iterative solvers then pass over memory instead of re-collating the loader each time. Same batches, same
-        order, so results do not change."""
+        """Checks every training batch (finite inputs and losses, labels in range) and returns the batches as a
+        list of prepared (x, y) tensors when they hold at most ``data_cache`` numbers: iterative solvers then pass
+        over memory instead of re-collating the loader each time. Same batches, same order, so results do not
+        change."""
         out, size = [], 0
         for batch in data:
-            x, y = self.fn.prepare(*split_batch(batch))
+            x, y = self._checked(*self.fn.prepare(*split_batch(batch)), "training data")
+            with torch.no_grad():
+                loss = self.loss(self.fn.forward(self.fn.theta, x), y)
+            if not bool(torch.isfinite(loss).all()):
+                raise UserError("training data: the loss of a batch is not finite (overflowing outputs); the "
+                                "influence curvature and gradients would be NaN. Check the inputs' scale and the model")
             size += x.numel() + y.numel()
-            if size > self.data_cache:
-                return data
-            out.append((x, y))
-        return out
+            if out is not None and size <= self.data_cache:
+                out.append((x, y))
+            else:
+                out = None
+        return data if out is None else out
+
+    def _checked(self, x: Tensor, y: Tensor, what: str) -> tuple[Tensor, Tensor]:
+        """Non-finite inputs or labels, and class labels outside ``[0, n_classes)``, are errors (CG on NaN data
+        would silently return zeros, Direct NaN). Out-of-range labels the loss accepts (``ignore_index``) pass."""
+        for name, t in (("inputs x", x), ("labels y", y)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                rows = (~torch.isfinite(t.reshape(t.shape[0], -1))).any(1).nonzero().squeeze(1)
+                raise UserError(f"{what}: {name} contain NaN or inf (rows {rows[:5].tolist()}); remove or impute "
+                                "them before computing influences")
+        C = getattr(self, "_n_classes", None)
+        if C is not None and not y.is_floating_point() and y.numel():
+            bad = (y < 0) | (y >= C)
+            if bool(bad.any()):
+                try:  # the loss raises on them unless it ignores them (its mean over ignored rows may be NaN)
+                    with torch.no_grad():
+                        self.loss(self.fn.forward(self.fn.theta, x[bad]), y[bad])
+                    ok = True
+                except (IndexError, RuntimeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise UserError(f"{what}: labels must be class indices in [0, {C}) for a model with {C} outputs; "
+                                    f"got {sorted(set(y[bad].tolist()))[:5]} (rows {bad.nonzero().squeeze(1)[:5].tolist()})")
+        return x, y
+
+    def _finite(self, T: Tensor, what: str) -> Tensor:
+        if not bool(torch.isfinite(T).all()):
+            raise UserError(f"{type(self).__name__}: non-finite {what} (NaN or inf), e.g. from overflowing outputs "
+                            "or a singular curvature; check the inputs' scale, the model, and the regularization")
+        return T
 
     @abstractmethod
     def _fit(self, data: Iterable) -> None: ...
@@ -139,7 +197,7 @@ class InfluenceModel(ABC):
     def feature_rows(self, x: Tensor, y: Tensor) -> Tensor:
         """Checked ``features``: what ``influences_from_factors`` multiplies the factors with (up mode)."""
         self._check_fitted()
-        return self.features(*self._check_xy(x, y, "features"))
+        return self._finite(self.features(*self._check_xy(x, y, "features")), "gradients of the given points")
 
     def feature_fn(self):
         """``(x1, y1) -> feature vector`` for one example, differentiable in ``x1``."""
@@ -170,14 +228,15 @@ class InfluenceModel(ABC):
         if self._y_shape is not None and tuple(y.shape[1:]) != self._y_shape:
             raise UserError(f"{what}: labels have shape {tuple(y.shape[1:])} per example but the model was fitted on "
                             f"{self._y_shape}")
-        return self.fn.prepare(x, y)
+        return self._checked(*self.fn.prepare(x, y), what)
 
     def influence_factors(self, x: Tensor, y: Tensor) -> Tensor:
         """``(C + lambda I)^-1 g(x_j, y_j)`` for every row: (n, feature_dim)."""
         self._check_fitted()
         x, y = self._check_xy(x, y, "influence_factors")
         t = time.perf_counter()
-        out = self._solve(self.features(x, y)).detach()
+        G = self._finite(self.features(x, y), "gradients of the given points")
+        out = self._finite(self._solve(G).detach(), "influence factors")
         self.stats["solve_calls"] += 1
         self.stats["solved_rows"] += x.shape[0]
         self.timings["solve_s"] = self.timings.get("solve_s", 0.0) + time.perf_counter() - t
@@ -192,10 +251,11 @@ class InfluenceModel(ABC):
         factors = torch.as_tensor(factors).to(self.fn.device, self.fn.dtype)
         if factors.dim() != 2 or factors.shape[1] != self.feature_dim:
             raise UserError(f"factors must be (m, {self.feature_dim}) for this model, got {tuple(factors.shape)}")
+        self._finite(factors, "factors")
         self.stats["from_factors_calls"] += 1
         if mode == "up":
-            return factors @ self.features(x, y).T
-        return self.fn.perturbation(self.feature_fn(), factors, x, y)
+            return factors @ self._finite(self.features(x, y), "gradients of the given points").T
+        return self._finite(self.fn.perturbation(self.feature_fn(), factors, x, y), "perturbation influences")
 
     def influences(self, x_test: Tensor, y_test: Tensor, x: Tensor | None = None, y: Tensor | None = None,
                    mode: Any = "up") -> Tensor:

@@ -49,6 +49,13 @@ def _first_batch_size(data: Iterable) -> int:
     return int(_split(first)[1].shape[0])
 
 
+def method_name(model: InfluenceModel) -> str:
+    """The registry name of the model's method (``"cg"``), the name stored in artifacts by both calculators."""
+    from datamatters.influence import METHODS
+
+    return next((k for k, cls in METHODS.items() if type(model) is cls), type(model).__name__)
+
+
 # ---- sequential ------------------------------------------------------------------------------------------------
 @dataclass
 class LazyInfluences:
@@ -118,7 +125,7 @@ class LazyInfluences:
             if arr is None:
                 shape = (n_test, n_train, *b.shape[2:])
                 arr = store.create(path, shape, chunks, b.cpu().numpy().dtype,
-                                   {"mode": self.mode, "method": type(self.model).__name__, **dict(meta or {})},
+                                   {"mode": self.mode, "method": method_name(self.model), **dict(meta or {})},
                                    overwrite)
             arr[r:r + b.shape[0], c:c + b.shape[1]] = b.cpu().numpy()
         if arr is None:
@@ -262,10 +269,6 @@ class DaskInfluenceCalculator:
             rows = [[da.from_delayed(delayed(_perturbation_task, pure=True)(self._model, F, xb, yb),
                                      shape=(m, n, *tail), dtype=dtype) for n, xb, yb in train] for m, F in factors]
         return da.concatenate([da.concatenate(r, axis=1) for r in rows], axis=0)
-
-    def compute_kwargs(self) -> dict:
-        """Keyword arguments for ``.compute()`` / ``to_zarr`` that match this calculator's scheduler."""
-        return {"scheduler": "synchronous"} if self.client is None else {}
 
 
 def write_dask(array, path: str | Path, test_index=None, train_index=None, meta: Mapping[str, Any] | None = None,

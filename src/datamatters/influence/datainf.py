@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from datamatters.errors import UserError
-from datamatters.influence.base import InfluenceModel, reiterable
+from datamatters.influence.base import InfluenceModel, reiterable, reject_options
 from datamatters.influence.blocks import Block
 from datamatters.influence.functional import split_batch
 
@@ -25,6 +25,7 @@ class DataInfInfluence(InfluenceModel):
 
     def __init__(self, model, loss, *, regularization=None, block_structure="full", dense_limit: int = 4096,
                  **kw):
+        reject_options("DataInfInfluence", kw, {"curvature": "it inverts damped per-example outer products"})
         self._auto = isinstance(regularization, str)
         if self._auto and regularization != "auto":
             raise UserError(f"regularization must be a number, a dict or 'auto', got {regularization!r}")

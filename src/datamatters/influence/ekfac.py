@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamatters.errors import UserError
-from datamatters.influence.base import InfluenceModel
+from datamatters.influence.base import InfluenceModel, reject_options
 from datamatters.influence.blocks import Block
 from datamatters.influence.functional import split_batch
 
@@ -47,6 +47,9 @@ class _Layer:
 class EkfacInfluence(InfluenceModel):
     def __init__(self, model, loss=F.cross_entropy, *, regularization=0.0, update_diagonal: bool = False,
                  fisher: str = "ggn", cache_limit: int = 1 << 26, **kw):
+        reject_options("EkfacInfluence", kw, {
+            "curvature": "its curvature is the Kronecker-factored Gauss-Newton, see fisher=",
+            "block_structure": "its blocks are the Linear/Conv2d layers"})
         if fisher not in FISHERS:
             raise UserError(f"fisher must be one of {FISHERS}, got {fisher!r}")
         super().__init__(model, loss, regularization=regularization, block_structure="layer_wise",
@@ -207,10 +210,3 @@ class EkfacInfluence(InfluenceModel):
                 raise UserError(f"EK-FAC layer {ly.block.name!r} has zero curvature directions; set regularization > 0")
             out.append(self._from_matrix(ly, ly.QG @ (rot / d) @ ly.QA.T))
         return torch.cat(out, 1)
-
-    def layer_matrix(self, name: str) -> Tensor:
-        """The dense (p_b, p_b) curvature this method uses for one layer, in the flat parameter order (tests)."""
-        ly = next(ly for ly in self.layers if ly.block.name == name)
-        eye = torch.eye(ly.block.size, dtype=ly.L.dtype, device=ly.L.device)
-        M = self._to_matrix(ly, eye)
-        return self._from_matrix(ly, ly.QG @ ((ly.QG.T @ M @ ly.QA) * ly.L) @ ly.QA.T)

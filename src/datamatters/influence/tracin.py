@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from datamatters.errors import UserError
-from datamatters.influence.base import InfluenceModel
+from datamatters.influence.base import InfluenceModel, reject_options
 from datamatters.influence.functional import ModelFunction
 
 
@@ -33,8 +33,8 @@ class GradientDotInfluence(InfluenceModel):
     """``<g(z_test), g(z)>`` at the model's parameters (identity curvature, no damping)."""
 
     def __init__(self, model, loss, *, block_structure="full", **kw):
-        kw.pop("regularization", None)
-        kw.pop("curvature", None)
+        reject_options("GradientDotInfluence", kw, {"curvature": "its curvature is the identity",
+                                                    "regularization": "it has no damping"})
         super().__init__(model, loss, regularization=None, block_structure=block_structure, **kw)
 
     def _fit(self, data: Iterable) -> None:
@@ -57,8 +57,8 @@ class TracInInfluence(InfluenceModel):
 
     def __init__(self, model, loss, *, checkpoints: Sequence[Mapping[str, Tensor]] | None = None,
                  learning_rates: float | Sequence[float] = 1.0, block_structure="full", **kw):
-        kw.pop("regularization", None)
-        kw.pop("curvature", None)
+        reject_options("TracInInfluence", kw, {"curvature": "its curvature is the identity",
+                                               "regularization": "it has no damping"})
         super().__init__(model, loss, regularization=None, block_structure=block_structure, **kw)
         if not checkpoints:
             raise UserError("TracIn needs the checkpoints saved during training (a non-empty list of state dicts); "

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from datamatters.errors import UserError
-from datamatters.influence.base import InfluenceModel
+from datamatters.influence.base import InfluenceModel, reject_options
 from datamatters.influence.functional import split_batch
 
 PROJECTIONS = ("rademacher", "gaussian")
@@ -30,6 +30,7 @@ class TrakInfluence(InfluenceModel):
     def __init__(self, model, loss, *, projection_dim: int = 512, regularization=0.0,
                  projection: str = "rademacher", seed: int = 0, block_structure="full", cache_limit: int = 1 << 26,
                  **kw):
+        reject_options("TrakInfluence", kw, {"curvature": "its kernel is the projected empirical Fisher"})
         if isinstance(regularization, dict):
             raise UserError("TRAK has one projected kernel: regularization must be a single number")
         super().__init__(model, loss, regularization=regularization, block_structure=block_structure,
@@ -93,7 +94,6 @@ class TrakInfluence(InfluenceModel):
             K += Phi.T @ Phi
             n += x.shape[0]
         K = K / n + self.lam * torch.eye(self.k, dtype=K.dtype, device=K.device)
-        self.kernel = K
         L, info = torch.linalg.cholesky_ex(K)
         if int(info) != 0:
             raise UserError(f"TRAK kernel is singular (projection_dim={self.k} vs {n} training points); "

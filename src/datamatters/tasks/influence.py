@@ -48,8 +48,8 @@ class LdsSchema:
 class InfluenceSchema:
     method: str = "direct"
     regularization: Any = 0.01  # number, {block: number}, or "auto" (DataInf)
-    curvature: str = "hessian"  # hessian | gauss_newton | empirical_fisher (methods that take it)
-    block_structure: Any = "full"  # full | layer_wise | parameter_wise | {block: [param names]}
+    curvature: Optional[str] = None  # hessian | gauss_newton | empirical_fisher (only methods that take it)
+    block_structure: Any = None  # full | layer_wise | parameter_wise | {block: [param names]} (idem)
     params: Dict[str, Any] = field(default_factory=dict)  # method-specific arguments
     dtype: str = "float64"
     num_test: Optional[int] = None  # first n test points (all when null)
@@ -96,9 +96,13 @@ def _method(s: DictConfig, model, loss):
     kw["regularization"] = OmegaConf.to_container(s.regularization) if OmegaConf.is_config(s.regularization) \
         else s.regularization
     for key in ("curvature", "block_structure"):
-        if key in accepted:
-            value = s[key]
-            kw[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        value = s[key]
+        if value is None:
+            continue
+        if key not in accepted:
+            raise UserError(f"influence.{key}={value} is not an option of influence={s.method} (it fixes its own); "
+                            f"remove it or choose a method that takes it")
+        kw[key] = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
     kw.setdefault("grad_chunk", s.train_chunk)
     try:
         return cls(model, loss, **kw)
@@ -125,6 +129,21 @@ def _train(template, X, y, masks, t: DictConfig, seed: int):
 
     return train_ensemble(template, X, y, masks, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
                           weight_decay=t.weight_decay, optimizer=t.optimizer, seed=seed)
+
+
+def _trained_model(template, state: dict):
+    """A copy of ``template`` with the trained parameters. Every parameter must be given and nothing else but
+    buffers (the ensemble trainer trains parameters only and keeps the template's buffers, so the model is the one
+    it trained); anything else is a mismatch between the trainer and the network, reported by name."""
+    model = copy.deepcopy(template)
+    params = set(dict(model.named_parameters()))
+    missing = sorted(params - set(state))
+    unexpected = sorted(set(state) - params - set(dict(model.named_buffers())))
+    if missing or unexpected:
+        raise UserError(f"the trained weights do not match the network: missing {missing[:5]}, unexpected "
+                        f"{unexpected[:5]}; the model config and the trainer disagree")
+    model.load_state_dict({**model.state_dict(), **state}, strict=True)
+    return model
 
 
 def _store_expect(dm) -> dict:
@@ -166,7 +185,7 @@ def _matrix(s: DictConfig, inf, test, train, te, tr, path, meta) -> None:
         calc = DaskInfluenceCalculator(inf, client)
         arr = calc.influences(da.from_array(te[1].numpy(), chunks=s.test_chunk), da.from_array(te[2].numpy(), chunks=s.test_chunk),
                               da.from_array(tr[1].numpy(), chunks=s.train_chunk), da.from_array(tr[2].numpy(), chunks=s.train_chunk))
-        write_dask(arr, path, te[0].numpy(), tr[0].numpy(), {**meta, "method": type(inf).__name__, "mode": "up"})
+        write_dask(arr, path, te[0].numpy(), tr[0].numpy(), {"mode": "up", **meta})
     finally:
         client.close()
         if cluster is not None:
@@ -213,9 +232,7 @@ def run(cfg: DictConfig) -> dict:
 
         t = time.perf_counter()
         params = _train(template, tr[1], tr[2], np.ones((1, len(tr[2])), dtype=bool), s.train, seed)
-        model = copy.deepcopy(template)
-        model.load_state_dict({k: v[0] for k, v in params.items()}, strict=False)
-        model = model.to(dtype).eval()
+        model = _trained_model(template, {k: v[0] for k, v in params.items()}).to(dtype).eval()
         timings["time/train_s"] = time.perf_counter() - t
         with torch.no_grad():
             acc = float((model(te[1].to(dtype)).argmax(1) == te[2]).float().mean())
