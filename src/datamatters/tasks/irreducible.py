@@ -9,6 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datamatters.artifacts import config_hash
+from datamatters.errors import UserError
 from datamatters.selection.il_store import save_irreducible_losses
 from datamatters.tasks.building import build_datamodule, build_network, build_optimizer, build_trainer, last_checkpoint
 from datamatters.tasks.common import RunContext, job, make_loggers, print_summary, write_summary
@@ -26,6 +27,16 @@ def il_config_key(cfg: DictConfig) -> str:
     for k in ("path", "output", "checkpoint"):
         il.pop(k, None)
     return config_hash({"data": data, "irreducible": il, "seed": cfg.get("seed")})
+
+
+def check_il_plan(cfg: DictConfig) -> None:
+    """Refuse, before any training, an IL plan that cannot work (today's failures came late and raw)."""
+    if not OmegaConf.select(cfg, "data.holdout", default=True) and not cfg.irreducible.get("no_holdout", False):
+        raise UserError("data.holdout=false leaves no holdout split to train the irreducible-loss model on: add "
+                        "irreducible.no_holdout=true (two IL models, each on one half of target-train) or keep "
+                        "data.holdout=true")
+    if int(cfg.irreducible.max_epochs) < 1:
+        raise UserError(f"irreducible.max_epochs must be >= 1, got {cfg.irreducible.max_epochs}")
 
 
 def _fit_one(cfg: DictConfig, ctx: RunContext, dm, fit_split: str, tag: str):
@@ -49,6 +60,7 @@ def _fit_one(cfg: DictConfig, ctx: RunContext, dm, fit_split: str, tag: str):
 
 def train_irreducible(cfg: DictConfig, ctx: RunContext, out_path: Path) -> dict:
     """Train the IL model(s) and write the IL file; returns the metadata written."""
+    check_il_plan(cfg)
     dm = build_datamodule(cfg)
     train_idx = dm.split_indices("train")
     if cfg.irreducible.get("no_holdout", False):

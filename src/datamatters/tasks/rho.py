@@ -16,7 +16,7 @@ from datamatters.selection.rules import NEEDS_IL, get_rule, n_select
 from datamatters.tasks.building import (build_datamodule, build_network, build_optimizer, build_scheduler,
                                         build_trainer, last_checkpoint)
 from datamatters.tasks.common import RunContext, job, log_image, make_loggers, print_summary, write_summary
-from datamatters.tasks.irreducible import il_config_key, train_irreducible
+from datamatters.tasks.irreducible import check_il_plan, il_config_key, train_irreducible
 from datamatters.tasks.protocol import PEERS, attach_test_curve, il_seconds, peer_module, protocol_summary
 
 SUMMARY_KEYS = ["test/acc", "selection/corrupted_frac", "data/corrupted_frac", "trainer/steps", "trainer/examples_seen",
@@ -52,7 +52,14 @@ def load_il_model(cfg: DictConfig, dm) -> torch.nn.Module:
 
 
 def validate_selection(cfg: DictConfig) -> None:
+    """Every refusal that does not need data, before any training (the IL model included)."""
     sel = cfg.selection
+    epochs = cfg.trainer.get("max_epochs")
+    if epochs is not None and int(epochs) < 1:
+        raise UserError(f"trainer.max_epochs must be >= 1, got {epochs}")
+    il = cfg.irreducible
+    if sel.method in NEEDS_IL and not il.get("path") and not il.get("checkpoint"):
+        check_il_plan(cfg)  # the IL model will be trained first
     if sel.method not in ("svp", *PEERS):
         get_rule(sel.method)
     n_select(int(cfg.data.batch_size), float(sel.percent_train))
