@@ -88,7 +88,8 @@ def test_control_scores_clearly_below_direct_on_logistic(tmp_path):
 
 def test_ground_truth_store_refused_for_other_masks_or_model(tmp_path):
     store = tmp_path / "gt"
-    base = TINY + [f"attribution.ground_truth.store={store}", "attribution.methods=[graddot]"]
+    base = TINY + [f"attribution.ground_truth.store={store}", "attribution.methods=[graddot]",
+                   "attribution.ground_truth.n_test=12"]
     run_job(tmp_path / "a", base)
     with pytest.raises(UserError, match="other masks, data or model.*alpha"):
         run_job(tmp_path / "b", base + ["attribution.ground_truth.alpha=0.3"])
@@ -98,13 +99,24 @@ def test_ground_truth_store_refused_for_other_masks_or_model(tmp_path):
         run_job(tmp_path / "e", base + ["attribution.models=[{label:logistic,name:mlp,hidden:[4]}]"])
     with pytest.raises(UserError, match="ground truth holds 5 test points"):
         run_job(tmp_path / "d", base + ["attribution.ground_truth.n_test=5"])
+    # the store holds the first 12 test points; a run storing the whole test split cannot use it
+    with pytest.raises(UserError, match=r"store .* holds 12 test points, this run scores 359; lower attribution"):
+        run_job(tmp_path / "f", base + ["attribution.ground_truth.n_test=null"])
 
 
 def test_bad_input_is_one_clear_message(tmp_path):
-    with pytest.raises(UserError, match="TracIn needs the checkpoints"):
+    """Refused from the settings, before any model is trained (no run dir content, no ground truth)."""
+    with pytest.raises(UserError, match=r"TracIn needs the checkpoints .*tracin_epochs must list epochs in 1..8.*\[\]"):
         run_job(tmp_path, TINY + ["attribution.methods=[tracin]", "attribution.tracin_epochs=[]"])
+    with pytest.raises(UserError, match=r"tracin_epochs must list epochs in 1..8 .*got \[4, 9\]"):
+        run_job(tmp_path, TINY + ["attribution.methods=[tracin]", "attribution.tracin_epochs=[4,9]"])
+    with pytest.raises(UserError, match=r"TRAK needs independently trained checkpoints.*got \[\]"):
+        run_job(tmp_path, TINY + ["attribution.methods=[trak]", "attribution.trak.checkpoints=[]"])
+    with pytest.raises(UserError, match=r"datamodels.sizes must list model counts >= 1, got \[0\]"):
+        run_job(tmp_path, TINY + ["attribution.methods=[datamodels]", "attribution.datamodels.sizes=[0]"])
     with pytest.raises(UserError, match="unknown attribution methods"):
         run_job(tmp_path, TINY + ["attribution.methods=[nope]"])
+    assert not (tmp_path / "run" / "ground_truth").exists()
 
 
 def test_markdown_table_groups_global_values_last():

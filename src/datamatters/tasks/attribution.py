@@ -114,6 +114,18 @@ def settings(cfg: DictConfig) -> DictConfig:
         raise UserError(f"unknown attribution methods {bad}; known: {sorted(known)}")
     if s.num_test < 1 or s.ground_truth.num_subsets < 3 or s.ground_truth.seeds < 1:
         raise UserError("attribution needs num_test >= 1, ground_truth.num_subsets >= 3 and ground_truth.seeds >= 1")
+    # methods that need checkpoints or extra models: refused before any training, not after the ground truth
+    if "tracin" in s.methods and (not s.tracin_epochs or min(s.tracin_epochs) < 1
+                                  or max(s.tracin_epochs) > s.train.epochs):
+        raise UserError(f"TracIn needs the checkpoints saved during training: attribution.tracin_epochs must list "
+                        f"epochs in 1..{s.train.epochs} (attribution.train.epochs), got {list(s.tracin_epochs)}")
+    if "trak" in s.methods and (not s.trak.checkpoints or min(s.trak.checkpoints) < 1 or not s.trak.projection_dims):
+        raise UserError("TRAK needs independently trained checkpoints: attribution.trak.checkpoints must list counts "
+                        f">= 1 and trak.projection_dims sizes, got {list(s.trak.checkpoints)} and "
+                        f"{list(s.trak.projection_dims)}")
+    if "datamodels" in s.methods and (not s.datamodels.sizes or min(s.datamodels.sizes) < 1):
+        raise UserError(f"datamodels need subset models: attribution.datamodels.sizes must list model counts >= 1, "
+                        f"got {list(s.datamodels.sizes)}")
     if s.dtype not in ("float32", "float64"):
         raise UserError(f"attribution.dtype must be float32 or float64, got {s.dtype!r}")
     return s

@@ -157,7 +157,7 @@ def tracin_row(p: Problem, epochs: list[int]) -> dict:
     E = int(p.recipe["epochs"])
     epochs = sorted({int(e) for e in epochs})
     if epochs and (epochs[0] < 1 or epochs[-1] > E):
-        raise UserError(f"attribution.tracin.epochs must lie in 1..{E} (the training epochs), got {epochs}")
+        raise UserError(f"attribution.tracin_epochs must lie in 1..{E} (the training epochs), got {epochs}")
     ones = np.ones((1, len(p.ytr)), bool)
     ckpts = []
     for e in epochs:
