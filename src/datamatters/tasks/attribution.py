@@ -350,7 +350,10 @@ def run(cfg: DictConfig) -> dict:
             s.ground_truth), "train": OmegaConf.to_container(s.train), "damping_factor": float(s.damping_factor),
             "lds": "Spearman per test point between sum of scores over a subset and the seed-averaged margin, mean "
                    "over test points, bootstrap 95% CI over test points; global values: one target (minus mean test "
-                   "loss), CI over models"}
+                   "loss), CI over models",
+            "methods": list(s.methods), "datamodels_sizes": list(s.datamodels.sizes),
+            "trak": OmegaConf.to_container(s.trak), "tracin_epochs": list(s.tracin_epochs),
+            "valuation": OmegaConf.to_container(s.valuation, resolve=True), "threads": torch.get_num_threads()}
         out = write_json(ctx.run_dir / "attribution.json", {"protocol": protocol, "models": results})
         _log_tables(ctx, tables)
         log_image(ctx, "attribution/lds_vs_cost", plot)
