@@ -258,6 +258,40 @@ def ekfac_side_by_side(p, s, spectrum, reps: int) -> list[dict]:
     return rows
 
 
+# ---- the README table -----------------------------------------------------------------------------------------------
+def markdown(res: dict) -> str:
+    """One table per results file: per model, TRAK and EK-FAC rows with LDS and seconds on both sides and the goals."""
+    def yn(ok) -> str:
+        return "met" if ok else "**missed**"
+
+    lines = ["| model | method | ours: LDS | reference: LDS | ours s | reference s | goal |", "|---" * 7 + "|"]
+    for label, rec in res["models"].items():
+        timing = {r["method"].split("(")[1].rstrip(")"): r for r in rec["rows"]
+                  if r["method"].startswith("trak timing")}
+        for r in rec["rows"]:
+            m = r["method"]
+            if m.startswith("trak-"):
+                t = timing[m.split("(")[1].rstrip(")")]
+                lines.append(f"| {label} | {m} vs traker | {r['ours']['lds']:.3f} | {r['traker']['lds']:.3f} | "
+                             f"{min(t['ours_s']):.3g} (all {t['members']} members) | {min(t['traker_s']):.3g} | "
+                             f"LDS not below traker - 0.02: {yn(r['goal_not_below_traker_by_0.02'])}; "
+                             f"2x faster: {t['speedup_min']}x, {yn(t['goal_2x'])} |")
+            elif m.startswith("ekfac (") and "ours" in r:
+                lines.append(f"| {label} | {m} vs kronfluence, damping {r['damping']:.3g} | "
+                             f"{r['ours']['lds']:.3f} | {r['kronfluence']['lds']:.3f} | {min(r['ours']['s']):.3g} | "
+                             f"{min(r['kronfluence']['s']):.3g} | Pearson {r['pearson']:.4f} >= 0.99: "
+                             f"{yn(r['goal_pearson_0.99'])}; no slower: {r['speedup_min']}x, "
+                             f"{yn(r['goal_no_slower'])} |")
+            elif m.startswith("ekfac (kronfluence"):
+                lines.append(f"| {label} | kronfluence EK-FAC, its own damping | - | {r['kronfluence']['lds']:.3f} | "
+                             f"- | {min(r['kronfluence']['s']):.3g} | (the number a kronfluence user gets) |")
+    p = res["protocol"]
+    return "\n".join(lines) + (f"\n\n_From `benchmarks/results/attribution_refs.json` (traker "
+                               f"{res['versions']['traker']}, kronfluence {res['versions']['kronfluence']}, torch "
+                               f"{res['versions']['torch']}; {p['threads']} thread, min of {p['reps']} alternating "
+                               f"repetitions, attribution work only; a shared 2-core machine)._")
+
+
 # ---- main ---------------------------------------------------------------------------------------------------------
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -269,7 +303,11 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["trak", "ekfac"], choices=["trak", "ekfac"])
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--note", default="")
+    ap.add_argument("--markdown", action="store_true", help="print the README table of --out and exit")
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown(json.loads(a.out.read_text())))
+        return
     torch.set_num_threads(1)
     from importlib.metadata import version
 
