@@ -62,7 +62,12 @@ def test_uniform_is_seeded_and_distinct():
 
 def test_boltzmann_low_temperature_is_greedy_and_schedules():
     loss, il = torch.tensor([0.0, 5.0, 1.0, 2.0]), torch.zeros(4)
+    # the reference draws with replacement: at a low temperature every draw is the top point
     sel = R.boltzmann(2, loss=loss, il=il, temperature=1e-3, generator=torch.Generator().manual_seed(0))
+    assert sel.idx.tolist() == [1, 1] and sel.stats["unique"] == 1.0
+    assert sel.stats["boltzmann_entropy"] == pytest.approx(0.0, abs=1e-6)
+    # the earlier variant (a named option) draws distinct points
+    sel = R.boltzmann_stepwise(2, loss=loss, il=il, temperature=1e-3, generator=torch.Generator().manual_seed(0))
     assert sorted(sel.idx.tolist()) == [1, 3]
     assert R.temperature_at(0, 11, "linear", 1.0, 0.0) == 1.0
     assert R.temperature_at(10, 11, "linear", 1.0, 0.0) == 0.0
@@ -72,13 +77,34 @@ def test_boltzmann_low_temperature_is_greedy_and_schedules():
         R.temperature_at(0, 1, "cubic")
 
 
+def test_boltzmann_epoch_temperatures_are_the_reference_formulas():
+    assert R.epoch_temperature(7) == 0.25  # default: fixed T = 0.25
+    assert [R.epoch_temperature(e, "linear", 0.5, 0.25) for e in range(3)] == [0.5, 0.75, 1.0]
+    assert [R.epoch_temperature(e, "geometric", 0.5, factor=2.0) for e in range(3)] == [0.5, 1.0, 2.0]
+    with pytest.raises(UserError, match="must stay > 0"):
+        R.epoch_temperature(4, "linear", 0.5, -0.25)
+    with pytest.raises(UserError, match="unknown temperature schedule 'cubic'"):
+        R.epoch_temperature(0, "cubic")
+
+
 def test_boltzmann_sampling_frequencies_follow_softmax():
+    """Many draws in one call (with replacement) have the softmax's frequencies; the entropy logged is softmax's."""
     loss, il = torch.tensor([0.0, 1.0, 2.0]), torch.zeros(3)
-    g = torch.Generator().manual_seed(0)
-    counts = torch.zeros(3)
-    for _ in range(4000):
-        counts[R.boltzmann(1, loss=loss, il=il, temperature=1.0, generator=g).idx] += 1
-    assert torch.allclose(counts / counts.sum(), torch.softmax(loss, 0), atol=0.03)
+    sel = R.boltzmann(6000, loss=loss, il=il, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(sel.idx, minlength=3).float()
+    p = torch.softmax(loss, 0)
+    assert torch.allclose(counts / counts.sum(), p, atol=0.02)
+    assert sel.stats["boltzmann_entropy"] == pytest.approx(float(-(p * p.log()).sum()), rel=1e-6)
+    assert sel.stats["unique"] == 3.0
+
+
+def test_gradnorm_is_diagnostics():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0], [0.0, 3.0], [1.0, 1.0]])
+    y = torch.zeros(4, dtype=torch.long)
+    g = R.grad_norm_bound(logits, y)
+    sel = R.gradnorm_is(300, logits=logits, targets=y, generator=torch.Generator().manual_seed(1))
+    assert sel.stats["is_max_p"] == pytest.approx(float(g.max() / g.sum()))
+    assert sel.stats["unique"] == float(len(set(sel.idx.tolist()))) == 4.0
 
 
 def test_gradnorm_is_weights_make_gradient_unbiased():

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from datamatters.errors import UserError
 from datamatters.selection.module import SelectiveModule
 from datamatters.selection.rules import Selection, uniform
+from datamatters.selection.scoring import synced_clock
 from datamatters.training.classifier import per_example_loss, predictions
 
 INITIAL_SCORE = 3.0
@@ -169,7 +170,7 @@ class InfoBatchModule(SelectiveModule):
 
     def training_step(self, batch, batch_idx):
         idx, x, y = batch
-        t0 = time.perf_counter()
+        t0 = synced_clock(self.device)
         logits = self(x)
         losses = per_example_loss(logits, y)
         loss = (losses * self.state.weight_of(idx).to(losses.device)).mean()
@@ -177,7 +178,7 @@ class InfoBatchModule(SelectiveModule):
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         opt.step()
-        t1 = time.perf_counter()
+        t1 = synced_clock(self.device)
         self.state.update(*self._gathered(idx, losses.detach()))
         plan_s, self.state.plan_s = self.state.plan_s, 0.0
         acc = self.metrics["train_"]
@@ -187,7 +188,7 @@ class InfoBatchModule(SelectiveModule):
         self.log("selection/kept_frac", self.state.kept / max(len(self.state.scores), 1), on_step=False,
                  on_epoch=True, batch_size=len(y))
         self._account(idx, y, Selection(torch.arange(len(y))), losses.detach(), None,
-                      plan_s + time.perf_counter() - t1, t1 - t0)
+                      plan_s + synced_clock(self.device) - t1, t1 - t0)
         return loss.detach()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,7 +1,6 @@
 """The selective LightningModule: score each big batch, keep the selected points, take one optimiser step on them."""
 from __future__ import annotations
 
-import time
 from typing import Callable
 
 import numpy as np
@@ -10,8 +9,9 @@ from torch import nn
 
 from datamatters.errors import UserError
 from datamatters.selection.il_store import ILTable
-from datamatters.selection.rules import NEEDS_IL, NEEDS_MC, get_rule, n_select, percentiles, temperature_at
-from datamatters.selection.scoring import score_batch
+from datamatters.selection.rules import (NEEDS_IL, NEEDS_MC, epoch_temperature, get_rule, n_select, percentiles,
+                                         temperature_at, uniform)
+from datamatters.selection.scoring import has_active_dropout, score_batch, synced_clock
 from datamatters.training.classifier import ClassifierModule, per_example_loss, predictions
 
 
@@ -20,6 +20,9 @@ class SelectiveModule(ClassifierModule):
     n_b = max(1, int(percent_train * n_B)) with ``method``, step on the selected points.
 
     Irreducible losses come from ``il_table`` (a file) or ``il_model`` (a frozen IL model in eval mode, on the fly).
+    The IL model is kept outside the module tree: not in checkpoints, not seen by callbacks that walk the module
+    (the dynamics recorder), never switched to train mode or moved by Lightning; it follows the batch's device.
+    ``uniform`` takes no scoring pass (it needs no statistics), so its wall-clock is a fair baseline.
     ``corrupted`` (bool by global index) is used only for the ``selection/corrupted_frac`` metric.
     """
 
@@ -37,45 +40,76 @@ class SelectiveModule(ClassifierModule):
         n_select(100, self.percent_train)  # validate early
         if method in NEEDS_IL and il_table is None and il_model is None:
             raise ValueError(f"selection method {method!r} needs irreducible losses (il_table or il_model)")
-        self.il_table, self.il_model = il_table, il_model
-        if il_model is not None:
-            il_model.eval().requires_grad_(False)
+        if method in NEEDS_MC and not has_active_dropout(model):
+            raise UserError(f"selection.method={method} scores with MC dropout, but the model has no dropout layer "
+                            f"with p > 0: every point would score the same and be picked by position. Use a model "
+                            f"with dropout (e.g. model.dropout=0.2) or another selection method")
+        self.il_table = il_table
+        self._il = [il_model.eval().requires_grad_(False)] if il_model is not None else []  # a list: outside the tree
         self.corrupted = corrupted
         self.score_train_mode, self.keep_bn = score_mode == "train", not update_bn_on_score
         self.score_precision, self.channels_last = score_precision, channels_last
         self.temperature = dict(temperature or {})
+        self.n_classes = int(self.metrics["train_"].num_classes)
+        self.class_counts = torch.zeros(2, self.n_classes, dtype=torch.long)  # scored, selected (this epoch)
         self.mc_samples = int(mc_samples) if method in NEEDS_MC else 0
         self.total_steps, self.seed = total_steps, int(seed)
         self.generator = torch.Generator().manual_seed(self.seed)
         self.selected: list[np.ndarray] = []
         self.totals = {"examples_seen": 0, "examples_scored": 0, "corrupted_selected": 0, "score_s": 0.0, "step_s": 0.0}
 
+    @property
+    def il_model(self) -> nn.Module | None:
+        return self._il[0] if self._il else None
+
+    def setup(self, stage: str) -> None:
+        """Per-process state, before a checkpoint is restored (which then overrides it): each DDP rank draws from its
+        own generator, and the step-wise temperature's horizon is this process's number of optimiser steps."""
+        rank = int(self.global_rank) if self._trainer is not None else 0
+        self.generator.manual_seed(self.seed + 1_000_003 * rank)
+        if self._trainer is not None and self.total_steps is None:
+            self.total_steps = int(self.trainer.estimated_stepping_batches)
+
     # ---- the step ---------------------------------------------------------------------------------------------
     def irreducible(self, idx: torch.Tensor, x, y: torch.Tensor) -> torch.Tensor | None:
         if self.il_table is not None:
             return self.il_table(idx.cpu()).to(y.device)
-        if self.il_model is not None:
-            self.il_model.eval()
+        il_model = self.il_model
+        if il_model is not None:
+            if next(il_model.parameters()).device != y.device:
+                il_model.to(y.device)
+            il_model.eval()
             with torch.inference_mode():
-                return per_example_loss(self.il_model(x).float(), y)
+                return per_example_loss(il_model(x).float(), y)
         return None
+
+    def temperature_now(self) -> float:
+        if self.method == "boltzmann":
+            return epoch_temperature(self.current_epoch, **self.temperature)
+        if self.temperature:
+            return temperature_at(self.global_step, self.total_steps or 1, **self.temperature)
+        return 1.0
 
     def training_step(self, batch, batch_idx):
         idx, x, y = batch
         if self.channels_last and torch.is_tensor(x) and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         k = n_select(len(y), self.percent_train)
-        t0 = time.perf_counter()
-        stats = score_batch(self.model, x, y, train_mode=self.score_train_mode, keep_bn=self.keep_bn,
-                            precision=self.score_precision, mc_samples=self.mc_samples)
+        t0 = synced_clock(self.device)
         il = self.irreducible(idx, x, y) if self.method in NEEDS_IL or self.il_table is not None else None
-        temp = temperature_at(self.global_step, self.total_steps or 1, **self.temperature) if self.temperature else 1.0
-        sel = self.rule(k, loss=stats["loss"], il=il, logits=stats["logits"], targets=y, mc_logits=stats.get("mc_logits"),
-                        generator=self.generator, temperature=temp)
-        t1 = time.perf_counter()
+        if self.rule is uniform:  # no scoring pass: uniform needs no statistics
+            stats = {}
+            sel = uniform(k, n=len(y), generator=self.generator)
+            sel.idx = sel.idx.to(y.device)
+        else:
+            stats = score_batch(self.model, x, y, train_mode=self.score_train_mode, keep_bn=self.keep_bn,
+                                precision=self.score_precision, mc_samples=self.mc_samples)
+            sel = self.rule(k, loss=stats["loss"], il=il, logits=stats["logits"], targets=y,
+                            mc_logits=stats.get("mc_logits"), generator=self.generator, temperature=self.temperature_now())
+        t1 = synced_clock(self.device)
         loss = self._optimise(x, y, sel)
-        t2 = time.perf_counter()
-        self._account(idx, y, sel, stats["loss"], il, t1 - t0, t2 - t1)
+        t2 = synced_clock(self.device)
+        self._account(idx, y, sel, stats.get("loss"), il, t1 - t0, t2 - t1)
         return loss
 
     def _optimise(self, x, y, sel) -> torch.Tensor:
@@ -109,15 +143,25 @@ class SelectiveModule(ClassifierModule):
             log["selection/corrupted_frac"] = float(c.mean())
         mask = torch.zeros(len(idx), dtype=torch.bool)
         mask[sel.idx.cpu()] = True
-        for name, v in (("loss", loss), ("il", il)):
+        for name, v in (("loss", loss), ("il", il), ("score", sel.scores)):
             if v is None:
                 continue
             v = v.detach().cpu()
             for tag, part in (("selected", v[mask]), ("not_selected", v[~mask])):
                 log.update({f"selection/{name}_{tag}_{q}": val for q, val in percentiles(part).items()})
+        log.update({f"selection/{k}": float(v) for k, v in (sel.stats or {}).items()})
+        yc = y.detach().cpu().long()
+        self.class_counts[0] += torch.bincount(yc, minlength=self.n_classes)[: self.n_classes]
+        self.class_counts[1] += torch.bincount(yc[sel.idx.cpu()], minlength=self.n_classes)[: self.n_classes]
         self.log_dict(log, on_step=True, on_epoch=False, batch_size=len(idx))
 
     def on_train_epoch_end(self) -> None:
+        """Per-class selected fraction of the epoch (selected / scored points of each class; a point drawn twice
+        counts twice); then the per-epoch lr step."""
+        scored, chosen = self.class_counts
+        self.log_dict({f"selection/class_frac_{c}": float(chosen[c]) / int(scored[c])
+                       for c in range(self.n_classes) if scored[c] > 0}, on_step=False, on_epoch=True)
+        self.class_counts.zero_()
         sch = self.lr_schedulers()
         if sch is not None:
             sch.step()

@@ -21,6 +21,7 @@ class Selection:
     idx: torch.Tensor
     weights: torch.Tensor | None = None
     scores: torch.Tensor | None = None
+    stats: dict | None = None  # the rule's own diagnostics (sampling entropy, IS max p...), logged as selection/<key>
 
 
 def n_select(n_big: int, percent_train: float) -> int:
@@ -78,8 +79,27 @@ def irreducible_loss(k: int, *, il, **_) -> Selection:
     return Selection(top_k(s, k), scores=s)
 
 
+def epoch_temperature(epoch: int, schedule: str = "fixed", start: float = 0.25, increment: float = 0.0,
+                      factor: float = 1.0) -> float:
+    """The reference's per-epoch Boltzmann temperature (``epoch`` counted from 0, so the first epoch runs at
+    ``start``): fixed ``start``; linear ``start + increment * epoch``; geometric ``start * factor ** epoch``."""
+    if schedule == "fixed":
+        t = float(start)
+    elif schedule == "linear":
+        t = float(start + increment * epoch)
+    elif schedule == "geometric":
+        t = float(start * factor ** epoch)
+    else:
+        raise UserError(f"unknown temperature schedule {schedule!r}; use fixed, linear or geometric")
+    if not t > 0:
+        raise UserError(f"the Boltzmann temperature reached {t} at epoch {epoch}; it must stay > 0 "
+                        f"(check selection.temperature)")
+    return t
+
+
 def temperature_at(step: int, total: int, schedule: str = "fixed", start: float = 1.0, end: float = 0.1) -> float:
-    """Boltzmann temperature: fixed, linear or geometric interpolation from ``start`` to ``end`` over ``total`` steps."""
+    """``boltzmann_stepwise`` temperature: fixed, or linear/geometric interpolation from ``start`` to ``end`` over
+    ``total`` optimiser steps (this process's steps: under DDP each rank counts its own)."""
     frac = min(max(step / max(total - 1, 1), 0.0), 1.0)
     if schedule == "fixed":
         return float(start)
@@ -90,14 +110,29 @@ def temperature_at(step: int, total: int, schedule: str = "fixed", start: float 
     raise UserError(f"unknown temperature schedule {schedule!r}; use fixed, linear or geometric")
 
 
-def boltzmann(k: int, *, loss, il, temperature: float = 1.0, generator=None, **_) -> Selection:
-    """Sample k points without replacement from softmax(reducible loss / T)."""
-    if temperature <= 0:
+def _boltzmann_probs(loss, il, temperature: float) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    if not temperature > 0:
         raise UserError("boltzmann temperature must be > 0")
     s = _check("loss", loss) - _check("irreducible loss", il)
     p = torch.softmax(s.float() / temperature, 0)
+    ent = float(-(p * torch.log(p.clamp_min(1e-30))).sum())
+    return s, p, {"boltzmann_entropy": ent, "temperature": float(temperature)}
+
+
+def boltzmann(k: int, *, loss, il, temperature: float = 0.25, generator=None, **_) -> Selection:
+    """The reference's Boltzmann RHO-LOSS: k draws *with replacement* from softmax(reducible loss / T) (a point
+    drawn twice is trained on twice)."""
+    s, p, stats = _boltzmann_probs(loss, il, temperature)
+    idx = torch.multinomial(p.cpu(), k, replacement=True, generator=generator).to(s.device)
+    return Selection(idx, scores=s, stats=stats | {"unique": float(len(torch.unique(idx)))})
+
+
+def boltzmann_stepwise(k: int, *, loss, il, temperature: float = 1.0, generator=None, **_) -> Selection:
+    """This framework's earlier variant (a named option): k distinct points without replacement, the temperature
+    interpolated per optimiser step (``temperature_at``)."""
+    s, p, stats = _boltzmann_probs(loss, il, temperature)
     idx = torch.multinomial(p.cpu(), k, replacement=False, generator=generator).to(s.device)
-    return Selection(idx, scores=s)
+    return Selection(idx, scores=s, stats=stats)
 
 
 def gradnorm_is(k: int, *, logits, targets, generator=None, **_) -> Selection:
@@ -106,7 +141,8 @@ def gradnorm_is(k: int, *, logits, targets, generator=None, **_) -> Selection:
     g = _check("grad-norm bound", grad_norm_bound(logits, targets)).clamp_min(1e-12)
     p = g / g.sum()
     idx = torch.multinomial(p.cpu(), k, replacement=True, generator=generator).to(g.device)
-    return Selection(idx, weights=1.0 / (len(g) * p[idx]), scores=g)
+    return Selection(idx, weights=1.0 / (len(g) * p[idx]), scores=g,
+                     stats={"is_max_p": float(p.max()), "unique": float(len(torch.unique(idx)))})
 
 
 def _mc_probs(mc_logits: torch.Tensor) -> torch.Tensor:
@@ -144,12 +180,13 @@ RULES: dict[str, Callable[..., Selection]] = {
     "gradnorm_ub": gradnorm_ub,
     "irreducible_loss": irreducible_loss,
     "boltzmann": boltzmann,
+    "boltzmann_stepwise": boltzmann_stepwise,
     "gradnorm_is": gradnorm_is,
     "entropy": entropy,
     "conditional_entropy": conditional_entropy,
     "bald": bald,
 }
-NEEDS_IL = {"reducible_loss", "irreducible_loss", "boltzmann"}
+NEEDS_IL = {"reducible_loss", "irreducible_loss", "boltzmann", "boltzmann_stepwise"}
 NEEDS_MC = {"entropy", "conditional_entropy", "bald"}
 
 

@@ -1,6 +1,7 @@
 """The scoring pass: per-example statistics of a big batch without an autograd graph or side effects."""
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager, nullcontext
 from typing import Iterator
 
@@ -10,6 +11,19 @@ from torch import nn
 from datamatters.training.classifier import per_example_loss
 
 _BN = (nn.modules.batchnorm._BatchNorm,)
+
+
+def synced_clock(device=None) -> float:
+    """``time.perf_counter()`` once the device's queued kernels are done: CUDA runs asynchronously, so an
+    unsynchronised clock reads before the scoring or the step has finished and misattributes their time."""
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def has_active_dropout(model: nn.Module) -> bool:
+    """Whether MC dropout can vary this model's outputs (a dropout layer with p > 0)."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
 
 
 @contextmanager

@@ -39,8 +39,31 @@ def check_il_plan(cfg: DictConfig) -> None:
         raise UserError(f"irreducible.max_epochs must be >= 1, got {cfg.irreducible.max_epochs}")
 
 
+def pass_device(trainer) -> torch.device:
+    """The trainer's accelerator: after ``fit`` Lightning moves the module back to CPU, so a loss pass over a split
+    must move the model back itself (on GPU, hours of CPU work otherwise)."""
+    return trainer.strategy.root_device
+
+
+def losses_on_accelerator(model: torch.nn.Module, loader, trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    model.to(pass_device(trainer))
+    return evaluate_losses(model, loader)
+
+
+def _is_rank_zero() -> bool:
+    d = torch.distributed
+    return not (d.is_available() and d.is_initialized()) or d.get_rank() == 0
+
+
+def _barrier() -> None:
+    d = torch.distributed
+    if d.is_available() and d.is_initialized():
+        d.barrier()
+
+
 def _fit_one(cfg: DictConfig, ctx: RunContext, dm, fit_split: str, tag: str):
-    """Train one IL model on ``fit_split``; return it with the best-val-loss weights loaded."""
+    """Train one IL model on ``fit_split``; return it with the best-val-loss weights loaded, its validation
+    metrics and the trainer. No best checkpoint (no validation ran): a UserError, never silently the last weights."""
     il = cfg.irreducible
     dm.fit_split = fit_split
     dm.batch_size = int(il.get("batch_size") or dm.batch_size)
@@ -50,16 +73,22 @@ def _fit_one(cfg: DictConfig, ctx: RunContext, dm, fit_split: str, tag: str):
     ckpt_dir = ctx.run_dir / f"checkpoints_{tag}"
     trainer = build_trainer(cfg, ctx, ckpt_dir=ckpt_dir, max_epochs=int(il.max_epochs))
     trainer.fit(module, datamodule=dm, ckpt_path=last_checkpoint(ckpt_dir))
+    if trainer.fast_dev_run:  # a smoke test: no checkpoints are written, the last weights are the only ones
+        return module.model, {}, trainer
     best = Path(ckpt_dir) / "best.ckpt"
-    if best.is_file():
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
-    val = trainer.validate(module, datamodule=dm, verbose=False)[0] if not trainer.fast_dev_run else {}
-    return module.model, val
+    if not best.is_file():
+        raise UserError(f"the IL model's best checkpoint {best} was not written (no validation ran: check "
+                        f"trainer.limit_val_batches / check_val_every_n_epoch); refusing to use the last-epoch weights "
+                        f"silently. Fix the validation settings and rerun")
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    return module.model, val, trainer
 
 
 def train_irreducible(cfg: DictConfig, ctx: RunContext, out_path: Path) -> dict:
-    """Train the IL model(s) and write the IL file; returns the metadata written."""
+    """Train the IL model(s) and write the IL file; returns the metadata written. The loss pass runs on the trainer's
+    accelerator, once (on rank 0 under DDP; the other ranks wait for the file)."""
     check_il_plan(cfg)
     dm = build_datamodule(cfg)
     train_idx = dm.split_indices("train")
@@ -69,16 +98,13 @@ def train_irreducible(cfg: DictConfig, ctx: RunContext, out_path: Path) -> dict:
         halves = (np.sort(train_idx[perm[: len(perm) // 2]]), np.sort(train_idx[perm[len(perm) // 2:]]))
         dm.add_split("half_a", halves[0])
         dm.add_split("half_b", halves[1])
-        losses, idxs, vals = [], [], []
-        for fit, other, tag in (("half_a", "half_b", "a"), ("half_b", "half_a", "b")):
-            model, val = _fit_one(cfg, ctx, dm, fit, tag)
-            i, l, _ = evaluate_losses(model, dm.loader(other))
-            idxs.append(i), losses.append(l), vals.append(val)
-        indices, values = np.concatenate(idxs), np.concatenate(losses)
+        fits = [(*_fit_one(cfg, ctx, dm, fit, tag), other) for fit, other, tag in
+                (("half_a", "half_b", "a"), ("half_b", "half_a", "b"))]
+        vals = [v for _, v, _, _ in fits]
         val = {k: float(np.mean([v.get(k, np.nan) for v in vals])) for k in vals[0]} if vals[0] else {}
     else:
-        model, val = _fit_one(cfg, ctx, dm, "holdout", "il")
-        indices, values, _ = evaluate_losses(model, dm.loader("train"))
+        model, val, trainer = _fit_one(cfg, ctx, dm, "holdout", "il")
+        fits = [(model, val, trainer, "train")]
     meta = dm.metadata("train") | {
         "seed": cfg.get("seed"),
         "config_hash": il_config_key(cfg),
@@ -86,7 +112,11 @@ def train_irreducible(cfg: DictConfig, ctx: RunContext, out_path: Path) -> dict:
         "holdout_val_loss": val.get("val/loss"),
         "no_holdout": bool(cfg.irreducible.get("no_holdout", False)),
     }
-    save_irreducible_losses(out_path, values, indices, meta)
+    if _is_rank_zero():
+        parts = [losses_on_accelerator(m, dm.loader(split), tr)[:2] for m, _, tr, split in fits]
+        indices, values = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        save_irreducible_losses(out_path, values, indices, meta)
+    _barrier()
     return meta
 
 

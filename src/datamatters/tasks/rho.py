@@ -86,7 +86,6 @@ def run(cfg: DictConfig) -> dict:
         make_loggers(ctx)
         corrupted = torch.zeros(int(train_idx.max()) + 1, dtype=torch.bool)
         corrupted[torch.as_tensor(train_idx)] = torch.as_tensor(dm.is_corrupted)
-        steps_per_epoch = int(np.ceil(len(train_idx) / dm.batch_size))
         sel = cfg.selection
         module = peer_module(cfg, dm, num_classes=dm.num_classes, corrupted=corrupted) if sel.method in PEERS else \
             SelectiveModule(
@@ -94,8 +93,7 @@ def run(cfg: DictConfig) -> dict:
             num_classes=dm.num_classes, method=sel.method, percent_train=sel.percent_train, il_table=il_table,
             il_model=il_model, corrupted=corrupted, score_mode=sel.score_mode, update_bn_on_score=sel.update_bn_on_score,
             score_precision=sel.get("score_precision"), temperature=sel.get("temperature"),
-            mc_samples=sel.get("mc_samples", 10), total_steps=steps_per_epoch * int(cfg.trainer.max_epochs),
-            seed=int(cfg.seed), channels_last=bool(sel.get("channels_last", False)))
+            mc_samples=sel.get("mc_samples", 10), seed=int(cfg.seed), channels_last=bool(sel.get("channels_last", False)))
         ckpt_dir = ctx.run_dir / "checkpoints"
         trainer = build_trainer(cfg, ctx, ckpt_dir=ckpt_dir)
         curve = attach_test_curve(cfg, ctx, dm, trainer)

@@ -11,8 +11,10 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class SVPSchema:
     score: str = "entropy"
-    keep_fraction: float = 0.5
-    proxy_epochs: int = 5
+    keep_fraction: Optional[float] = None
+    proxy_epochs: int = 25
+    patience: int = 5
+    batch_size: Optional[int] = 32
 
 
 @dataclass
