@@ -453,10 +453,11 @@ def render_gpu() -> str:
     rows = []
     for f in files:
         d = json.loads(f.read_text())
-        if d.get("benchmark") == "rho_throughput":
-            continue  # rendered in its own table
-        rows.append([f"{d.get('part', f.stem)}: {d.get('what', '')}", str(d.get("status", NA)),
-                     str(d.get("device", NA)), extrap(str(d.get("headline", NA)), d), str(d.get("goal_text", "—"))])
+        goal = d.get("goal_text") or "—"
+        rows.append([f"{d.get('part', f.stem)}: {d.get('what', '')}",
+                     str(d.get("status", NA)) + (f" ({d['error']})" if d.get("error") else ""),
+                     str(d.get("device", NA)), extrap(str(d.get("headline", NA)), d),
+                     f"**{goal}**" if "missed" in goal else goal])
     if not rows:
         return "_No GPU run yet: `benchmarks/gpu/check.sh` writes `benchmarks/results/gpu/*.json` on a GPU machine._"
     return table(["part", "status", "device", "measured", "goal"], rows) + \

@@ -130,3 +130,33 @@ def test_a_failing_or_slow_part_does_not_lose_the_others(check_mod, tmp_path, mo
     assert got["lasso"]["status"] == "failed" and "planted failure" in got["lasso"]["error"]
     assert got["influence"]["status"] == "timeout" and got["influence"]["wall_s"] < 3
     assert got["knn_shapley"]["status"] == "ok" and got["knn_shapley"]["headline"] == "fine"
+
+
+def test_knn_shapley_torch_stops_at_the_deadline(check_mod):
+    """The budget-bound loop: past the deadline it stops after the first chunk, and what it did is exact."""
+    import numpy as np
+    import torch
+
+    from datamatters.valuation.knn import knn_shapley_values, sorted_neighbours
+
+    xs, ys = check_mod.blobs(400, 8, 3, 0, "cpu", torch.float64)
+    xq, yq = check_mod.blobs(30, 8, 3, 1, "cpu", torch.float64)
+    vals, done = check_mod.knn_shapley_torch(xq, yq, xs, ys, 5, chunk=10, deadline=0.0)
+    assert done == 10
+    ref = knn_shapley_values(sorted_neighbours(xq[:10].numpy(), xs.numpy()), ys.numpy(), yq[:10].numpy(), 5)
+    np.testing.assert_allclose(vals.numpy(), ref, rtol=0, atol=1e-12)
+    full, done = check_mod.knn_shapley_torch(xq, yq, xs, ys, 5, chunk=7, exact_distances=True)
+    assert done == 30 and not np.allclose(full.numpy(), vals.numpy())
+
+
+def test_lasso_part_extrapolates_when_the_budget_is_short(check_mod):
+    import types
+
+    import torch
+
+    torch.manual_seed(0)
+    a = types.SimpleNamespace(tiny=True, deadline=time.monotonic())  # no time left: the full size is extrapolated
+    rec = check_mod.part_lasso(a, torch.device("cpu"), Path("."))
+    assert rec["extrapolated"] is True and rec["extrapolated_from"] == "4 of 12 targets"
+    assert rec["seconds"] == pytest.approx(rec["first_targets_s"] * 3)
+    assert rec["agreement_vs_cpu_float64"]["val_mse_max_rel_diff"] < 1e-3
