@@ -68,5 +68,5 @@ def test_missing_or_corrupt_file(tmp_path):
 
 
 def test_nan_losses_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(UserError, match="NaN/inf: the IL model diverged.*irreducible.optimizer.lr"):
         save_irreducible_losses(tmp_path / "il.npz", np.array([np.nan, 1.0]), np.array([0, 1]), {})

@@ -30,9 +30,11 @@ def test_reducible_loss_edge_sizes_and_ties():
 
 
 def test_nan_loss_is_an_error():
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(UserError, match=r"non-finite loss in the big batch \(1 of 2 values\).*optimizer.lr"):
         R.reducible_loss(1, loss=torch.tensor([1.0, float("nan")]), il=torch.zeros(2))
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(UserError, match="non-finite irreducible loss"):
+        R.reducible_loss(1, loss=torch.tensor([1.0, 2.0]), il=torch.tensor([float("inf"), 0.0]))
+    with pytest.raises(UserError, match="non-finite loss"):
         R.ce_loss(1, loss=torch.tensor([float("nan")]))
 
 

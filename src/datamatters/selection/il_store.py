@@ -14,7 +14,8 @@ CHECKED_KEYS = ("dataset", "split", "data_seed", "n", "targets_checksum")
 
 def save_irreducible_losses(path: str | Path, losses: np.ndarray, indices: np.ndarray, meta: dict) -> Path:
     if not np.all(np.isfinite(losses)):
-        raise ValueError("irreducible losses contain NaN/inf; the IL model diverged")
+        raise UserError("irreducible losses contain NaN/inf: the IL model diverged; lower its learning rate "
+                        "(irreducible.optimizer.lr) and rerun")
     return save_indexed(path, np.asarray(losses, np.float32), indices, meta)
 
 

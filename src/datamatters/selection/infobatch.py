@@ -85,7 +85,7 @@ class InfoBatchState:
     def update(self, global_idx: torch.Tensor, losses: torch.Tensor) -> None:
         losses = losses.detach().float().cpu()
         if not torch.isfinite(losses).all():
-            raise ValueError("non-finite training loss: training diverged (lower the learning rate)")
+            raise UserError("non-finite training loss: training diverged; lower the learning rate (optimizer.lr)")
         self.scores[self._pos(global_idx)] = losses
 
     def state_dict(self) -> dict:

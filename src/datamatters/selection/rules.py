@@ -34,9 +34,9 @@ def n_select(n_big: int, percent_train: float) -> int:
 def _check(name: str, t: torch.Tensor | None) -> torch.Tensor:
     if t is None:
         raise ValueError(f"this selection rule needs {name}")
-    if torch.isnan(t).any():
-        raise ValueError(f"NaN in {name} of the big batch: training diverged (lower the learning rate) "
-                         f"or the irreducible-loss file has gaps")
+    if not torch.isfinite(t).all():
+        raise UserError(f"non-finite {name} in the big batch ({int((~torch.isfinite(t)).sum())} of {t.numel()} "
+                        f"values): training diverged; lower the learning rate (optimizer.lr)")
     return t
 
 

@@ -51,7 +51,7 @@ class SelectiveBackpropRule:
 
     def probabilities(self, loss: torch.Tensor) -> torch.Tensor:
         if not torch.isfinite(loss).all():
-            raise ValueError("non-finite loss in the forward batch: training diverged (lower the learning rate)")
+            raise UserError("non-finite loss in the forward batch: training diverged; lower the learning rate (optimizer.lr)")
         self.history.append(loss)
         return self.history.cdf(loss) ** self.beta
 
