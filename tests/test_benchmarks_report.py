@@ -34,6 +34,7 @@ def test_readme_blocks_equal_report_output(report):
     assert "index" in bench
     for doc, found in (("README.md", readme), ("benchmarks/README.md", bench)):
         for name, body in found.items():
+            assert report.UNRENDERABLE not in body, body
             assert body == report.render(name).strip("\n"), (
                 f"{doc} block {name!r} is stale: run `python benchmarks/report.py --write`")
     assert report.main(["--check"]) == 0
@@ -73,6 +74,12 @@ def test_write_and_check_on_a_stale_doc(report, results, tmp_path, monkeypatch):
     assert text.startswith("intro\n\n<!-- report:influence -->\n") and text.endswith("<!-- /report:influence -->\n\noutro\n")
     assert "| old | table |" not in text and "**goal 3x:" in text
     assert report.main(["--check"]) == 0
+
+
+def test_unknown_layout_is_flagged_not_fatal(report, results):
+    (results / "influence_vs_pydvl.json").write_text(json.dumps({"results": ["direct"]}))
+    assert report.render("influence").startswith("_Could not render influence: TypeError")
+    assert "goal 20x" in report.render("datamodels")  # the other blocks still render
 
 
 def test_missing_file_and_unknown_marker(report, results):
