@@ -463,3 +463,28 @@ def test_options_a_method_does_not_take_are_errors(linear):
         DataInfInfluence(model, F.mse_loss, regularization=0.1, curvature="hessian")
     with pytest.raises(UserError, match=r"GradientDotInfluence does not take regularization="):
         GradientDotInfluence(model, F.mse_loss, regularization=1.0)
+
+
+def test_ekfac_summed_is_pydvls_pseudo_gradient(mlp):
+    """fisher='summed' (pyDVL 0.10's EK-FAC): one pseudo-gradient s = sum_c sqrt(p_c)(e_c - p) per example,
+    back-propagated by hand here; factors and corrected eigenvalues from it. (The benchmark compares it with
+    pyDVL itself: Pearson 1 between the sides.)"""
+    model, X, Y = mlp["model"], mlp["X"], mlp["Y"]
+    inf = EkfacInfluence(model, F.cross_entropy, regularization=0.1, update_diagonal=True, fisher="summed")
+    inf.fit(mlp["data"])
+    with torch.no_grad():
+        h = torch.tanh(model[0](X))
+        p = torch.softmax(model(X), 1)
+    s_out = p.sqrt() - p * p.sqrt().sum(1, keepdim=True)  # sum_c sqrt(p_c)(e_c - p)
+    s_hid = (s_out @ model[2].weight.detach()) * (1 - h ** 2)
+    ones = torch.ones(len(X), 1, dtype=X.dtype)
+    for ly, a, s in ((inf.layers[0], torch.cat([X, ones], 1), s_hid), (inf.layers[1], torch.cat([h, ones], 1), s_out)):
+        assert torch.allclose(ly.G, s.T @ s / len(X), atol=1e-12)
+        assert torch.allclose(ly.A, a.T @ a / len(X), atol=1e-12)
+        want = ((s @ ly.QG) ** 2).T @ ((a @ ly.QA) ** 2) / len(X)  # E[(Q_G^T s)^2 (Q_A^T a)^2^T]
+        assert torch.allclose(ly.L, want, atol=1e-12)
+    ggn = EkfacInfluence(model, F.cross_entropy, regularization=0.1, update_diagonal=True).fit(mlp["data"])
+    assert not torch.allclose(ggn.layers[1].G, inf.layers[1].G, atol=1e-3)  # a different approximation
+    with pytest.raises(UserError, match="fisher='summed'.*cross_entropy"):
+        EkfacInfluence(nn.Linear(D, M).double(), F.mse_loss, fisher="summed").fit([(torch.randn(4, D).double(),
+                                                                                     torch.randn(4, M).double())])

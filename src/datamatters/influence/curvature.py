@@ -28,11 +28,14 @@ class Curvature:
     """``matvec(V)`` = rows of ``V`` (k, block size) times the block's curvature, one pass over ``data``."""
 
     def __init__(self, fn: ModelFunction, block: Block, data: Iterable, kind: str = "hessian",
-                 vector_chunk: int = 64):
+                 vector_chunk: int = 64, work_chunk: int = 16384):
         if kind not in KINDS:
             raise UserError(f"curvature must be one of {KINDS}, got {kind!r}")
         self.fn, self.block, self.data, self.kind = fn, block, data, kind
         self.vector_chunk = max(1, int(vector_chunk))
+        # rows x vectors per vmapped product: past ~16k the intermediates leave the CPU caches and a product costs
+        # ~1.6x more per (row, vector) (MNIST-1D MLP: 3.4 us at 250 x 64, 5.6 us at 1000 x 128, one thread)
+        self.work_chunk = max(1, int(work_chunk))
         self.size = block.size
         self.n_matvec = 0  # vectors multiplied (for tests and reports)
 
@@ -45,8 +48,13 @@ class Curvature:
             G = self.fn.grads(x, y, block=self.block)
             return (V @ G.T) @ G
         op = self.fn.hvp_sum if self.kind == "hessian" else self.fn.ggn_sum
-        return torch.cat([op(self.block, V[s:s + self.vector_chunk], x, y)
-                          for s in range(0, V.shape[0], self.vector_chunk)])
+        rows = max(1, self.work_chunk // min(self.vector_chunk, max(1, V.shape[0])))
+        out = None
+        for r in range(0, x.shape[0], rows):
+            part = torch.cat([op(self.block, V[s:s + self.vector_chunk], x[r:r + rows], y[r:r + rows])
+                              for s in range(0, V.shape[0], self.vector_chunk)])
+            out = part if out is None else out + part
+        return out
 
     def matvec(self, V: Tensor) -> Tensor:
         """(k, size) -> (k, size): ``V @ C`` with C the symmetric curvature averaged over the training points."""

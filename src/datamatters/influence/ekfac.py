@@ -14,6 +14,11 @@ pseudo-gradients ``ds_j = J^T l_j``, one backward pass each; then K-FAC is exact
 pyDVL 0.10 instead back-propagates a single summed pseudo-gradient ``sum_c sqrt(p_c)(e_c - p)``, whose outer
 product adds cross terms between classes (not the Fisher), supports only ``nn.Linear`` and cross-entropy, and
 defaults to ``update_diagonal=False`` (kept here). ``fisher="empirical"`` uses the gradient at the true label.
+``fisher="summed"`` computes pyDVL 0.10's approximation (cross-entropy only): one pseudo-gradient per example,
+``sum_c sqrt(p_c)(e_c - p)`` (the gradient of its ``sum_c sqrt(p_c) log p_c`` with ``p`` detached), on every
+Linear layer, the eigenvalue correction from the same pseudo-gradients, and ``regularization`` added to the
+(corrected) eigenvalues. It is cheaper (one backward pass instead of C) but not the Fisher: the cross terms
+``sqrt(p_c p_d)(e_c - p)(e_d - p)^T`` do not vanish.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from datamatters.influence.base import InfluenceModel, reject_options
 from datamatters.influence.blocks import Block
 from datamatters.influence.functional import split_batch
 
-FISHERS = ("ggn", "empirical")
+FISHERS = ("ggn", "empirical", "summed")
 
 
 @dataclass
@@ -116,10 +121,15 @@ class EkfacInfluence(InfluenceModel):
 
         if self.fisher == "empirical":
             return torch.func.vmap(torch.func.grad(loss1))(flat, y)[:, :, None]
-        if self.loss is F.cross_entropy and out.dim() == 2 and not y.is_floating_point():
+        cross_entropy = self.loss is F.cross_entropy and out.dim() == 2 and not y.is_floating_point()
+        if self.fisher == "summed" and not cross_entropy:
+            raise UserError("fisher='summed' (pyDVL's EK-FAC) is defined for F.cross_entropy on (batch, classes) "
+                            "outputs with class-index labels only; use fisher='ggn'")
+        if cross_entropy:
             p = torch.softmax(flat, 1)
             eye = torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
-            return (eye[None] - p[:, :, None]) * p.sqrt()[:, None, :]
+            cols = (eye[None] - p[:, :, None]) * p.sqrt()[:, None, :]
+            return cols.sum(2, keepdim=True) if self.fisher == "summed" else cols
         if self.loss is F.mse_loss:
             c = flat.shape[1]
             eye = torch.eye(c, dtype=flat.dtype, device=flat.device) * (2.0 / c) ** 0.5
