@@ -230,7 +230,8 @@ def render_valuation() -> str:
                 shown = goal_ge(r, c.get("goal_speedup")) if side == "ours_batched" and _num(c.get("goal_speedup")) \
                     else ratio(r)
                 util = (f"utilities identical to pyDVL's: {pct(rec.get('utilities_identical_fraction'))} of "
-                        f"{rec.get('utilities_compared_with_pydvl', NA)} (max diff {sig(rec.get('utilities_max_abs_diff'), 2)})")
+                        f"{rec.get('utilities_compared_with_pydvl', NA)} "
+                        f"(max diff {sig(rec.get('utilities_max_abs_diff'), 2)})")
                 acc = (f"Spearman to reference: pyDVL {sig(base.get('spearman_to_reference'), 2)}, ours "
                        f"{sig(rec.get('spearman_to_reference'), 2)} ({_reference(c)})")
                 rows.append([f"{name} ({c.get('model', '')}, n={c.get('n_train', NA)}, {c.get('permutations', NA)} "
@@ -357,7 +358,8 @@ def render_influence() -> str:
                              f"{sig(a.get('pearson'), 3)}")
         if name == "ekfac":
             pear = get(r, "agreement_vs_pydvl_calculator.pearson")
-            agree.append(goal_ge(pear, 0.999, unit="", fmt=lambda v: sig(v, 4)).replace("goal", "same approximation: goal Pearson"))
+            same = goal_ge(pear, 0.999, unit="", fmt=lambda v: sig(v, 4))
+            agree.append(same.replace("goal", "same approximation: goal Pearson"))
             if _num(pear) and pear < 0.999:
                 ratios = [x + " (different approximations: not like for like)" for x in ratios]
         rows.append([label, "; ".join(times) or NA, secs(r.get("ours_total_s")), "; ".join(ratios) or NA,
@@ -397,11 +399,13 @@ def render_dynamics() -> str:
             strongest = max(states, key=lambda x: abs(x["dwell_r"]), default=None)
             conv = v.get("convergence_step", {})
             meas = (f"K={v.get('k_bic', NA)} (BIC); detour states: {len(v.get('detour_states') or []) or 'none'}; "
-                    f"convergence step mean {sig(conv.get('mean'))} (range {sig(conv.get('min'))}–{sig(conv.get('max'))})")
+                    f"convergence step mean {sig(conv.get('mean'))} "
+                    f"(range {sig(conv.get('min'))}–{sig(conv.get('max'))})")
             if strongest:
                 meas += (f"; strongest dwell-time vs convergence: state {strongest['state']} "
                          f"r={strongest['dwell_r']:+.2f}, p={sig(strongest.get('dwell_p'), 2)}")
-            refs = (f"K={ref['k']}" + (f", detour r=+{ref['detour_r']}, p={ref['detour_p']}" if "detour_r" in ref else "")
+            detour = f", detour r=+{ref['detour_r']}, p={ref['detour_p']}" if "detour_r" in ref else ""
+            refs = (f"K={ref['k']}" + detour
                     + f" (full size, {ref.get('seeds', NA)} seeds)") if ref else "—"
             rows.append([f"modular addition, {name} (reduced: p={s.get('p', NA)}, d_model {s.get('d_model', NA)}, "
                          f"{sig(s.get('steps'))} steps, {s.get('seeds', NA)} seeds)", meas, refs])
@@ -643,7 +647,8 @@ def rewrite(text: str) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--write", action="store_true", help="rewrite the marker blocks of README.md and benchmarks/README.md")
+    ap.add_argument("--write", action="store_true",
+                    help="rewrite the marker blocks of README.md and benchmarks/README.md")
     ap.add_argument("--check", action="store_true", help="exit 1 when a marker block differs from the results")
     args = ap.parse_args(argv)
     if not (args.write or args.check):

@@ -71,7 +71,8 @@ def test_write_and_check_on_a_stale_doc(report, results, tmp_path, monkeypatch):
     assert report.main(["--check"]) == 1
     assert report.main(["--write"]) == 0
     text = doc.read_text()
-    assert text.startswith("intro\n\n<!-- report:influence -->\n") and text.endswith("<!-- /report:influence -->\n\noutro\n")
+    assert text.startswith("intro\n\n<!-- report:influence -->\n")
+    assert text.endswith("<!-- /report:influence -->\n\noutro\n")
     assert "| old | table |" not in text and "**goal 3x:" in text
     assert report.main(["--check"]) == 0
 
