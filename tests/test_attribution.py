@@ -119,6 +119,16 @@ def test_bad_input_is_one_clear_message(tmp_path):
     assert not (tmp_path / "run" / "ground_truth").exists()
 
 
+def test_settings_resolve_interpolations_against_the_whole_config():
+    """direct_wd's damping is ${attribution.train.weight_decay}: it must follow the recipe, not fail to resolve."""
+    from datamatters.tasks.attribution import settings
+
+    s = settings(compose_cfg(["+experiment=attribution_digits", "attribution.train.weight_decay=0.003"]))
+    assert s.influence.direct_wd.regularization == 0.003 and s.train.weight_decay == 0.003
+    with pytest.raises(UserError, match="bad attribution config"):
+        settings(compose_cfg(["+experiment=attribution_digits", "+attribution.influence.x.regularization=${nope}"]))
+
+
 def test_markdown_table_groups_global_values_last():
     rows = [{"method": "v", "group": "global", "lds": 0.5, "ci_low": 0.4, "ci_high": 0.6},
             {"method": "a", "lds": 0.1, "ci_low": 0.0, "ci_high": 0.2},

@@ -99,9 +99,9 @@ def settings(cfg: DictConfig) -> DictConfig:
     node = OmegaConf.select(cfg, "attribution")
     if node is None:
         raise UserError("no attribution config: use +experiment=attribution_digits (or attribution_mnist1d)")
-    try:
-        s = OmegaConf.merge(OmegaConf.structured(AttributionSchema), node)
-    except Exception as exc:  # omegaconf's ValidationError / ConfigKeyError
+    try:  # resolved against the whole config first: rows may interpolate ${attribution.train.weight_decay}
+        s = OmegaConf.merge(OmegaConf.structured(AttributionSchema), OmegaConf.to_container(node, resolve=True))
+    except Exception as exc:  # omegaconf's ValidationError / ConfigKeyError / InterpolationKeyError
         raise UserError(f"bad attribution config: {exc}".splitlines()[0]) from exc
     if not s.models or not all(OmegaConf.is_dict(m) and "label" in m and "name" in m for m in s.models):
         raise UserError("attribution.models must be a non-empty list of {label: ..., name: logistic|mlp|cnn, ...}")
