@@ -609,6 +609,46 @@ INDEX = [
 ]
 
 
+def _keys(x, out: set) -> set:
+    if isinstance(x, dict):
+        for k, v in x.items():
+            out.add(str(k).lower())
+            _keys(v, out)
+    elif isinstance(x, list):
+        for v in x[:3]:
+            _keys(v, out)
+    return out
+
+
+# protocol field -> any key that satisfies it (anywhere in the JSON)
+PROTOCOL_FIELDS = {
+    "machine": lambda k: k in ("machine", "cpu_count", "cpus", "device"),
+    "threads": lambda k: k == "threads" or k.endswith("_threads"),
+    "repetitions": lambda k: k in ("repetitions", "repeats", "reps"),
+    "min": lambda k: k == "min" or k.startswith("min_") or k.endswith("_min"),
+    "median": lambda k: "median" in k,
+    "speedup": lambda k: k.startswith("speedup"),
+}
+
+
+COMPARATIVE = {"datamodels_regression", "datamodels_training", "valuation_vs_pydvl", "influence_vs_pydvl"}
+
+
+def protocol_gaps(src: str, comparative: bool) -> str:
+    """The protocol fields (benchmarks/README.md) a results file lacks, e.g. ``repetitions, min``; ``speedup`` only
+    for a benchmark against a baseline."""
+    files = sorted(RESULTS.glob(src)) if any(c in src for c in "*?") else [RESULTS / src]
+    files = [f for f in files if f.exists()]
+    if not files:
+        return NA
+    gaps = set()
+    for f in files:
+        keys = _keys(json.loads(f.read_text()), set())
+        gaps |= {field for field, ok in PROTOCOL_FIELDS.items() if not any(ok(k) for k in keys)
+                 and (comparative or field != "speedup")}
+    return ", ".join(f for f in PROTOCOL_FIELDS if f in gaps) or "none"
+
+
 def render_index() -> str:
     rows = []
     for name, src, what, cmd, goal, status in INDEX:
@@ -616,8 +656,10 @@ def render_index() -> str:
             st = status()
         except (KeyError, TypeError, ZeroDivisionError) as e:  # a layout this index does not know yet
             st = f"unreadable ({type(e).__name__})"
-        rows.append([name, what, f"`{cmd}`", f"`{src}`", goal, st or "no results yet"])
-    return table(["benchmark", "measures", "command", "results", "goal", "current JSON"], rows)
+        first = src.split(",")[0].strip()
+        rows.append([name, what, f"`{cmd}`", f"`{src}`", goal, st or "no results yet", protocol_gaps(first, name in COMPARATIVE)])
+    return table(["benchmark", "measures", "command", "results", "goal", "current JSON", "protocol fields missing"],
+                 rows)
 
 
 def render(name: str) -> str:

@@ -95,3 +95,13 @@ def test_formatting(report):
     assert report.sig(4214.355) == "4,214" and report.ratio(float("nan")) == "n/a"
     assert report.goal_ge(8.4949, 20) == "**goal 20x: 8.49x — missed**"
     assert report.goal_le(18.6, 60, unit=" s") == "goal 60 s: 18.6 s — met"
+
+
+def test_protocol_gaps(report, results):
+    assert report.protocol_gaps("datamodels_regression.json", comparative=True) == "none"
+    (results / "bare.json").write_text(json.dumps({"seconds": [1.0, 2.0]}))
+    assert report.protocol_gaps("bare.json", comparative=True) == "machine, threads, repetitions, min, median, speedup"
+    assert report.protocol_gaps("bare.json", comparative=False) == "machine, threads, repetitions, min, median"
+    (results / "bare.json").write_text(json.dumps({"machine": {"cpus": 2}, "threads": 1, "reps": 3,
+                                                   "sides": {"a": {"min_s": 1, "median_s": 2}}, "speedup": 2.0}))
+    assert report.protocol_gaps("bare.json", comparative=True) == "none"
