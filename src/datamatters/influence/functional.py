@@ -129,14 +129,19 @@ class ModelFunction:
         return fn
 
     # ---- curvature products on one batch (sums over the batch) --------------------------------------------
-    def hvp_sum(self, block: Block, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
-        """``sum_i H_i V^T`` for the block's Hessian, rows of ``V`` (k, size) at once."""
+    def hvp_pull(self, block: Block, x: Tensor, y: Tensor) -> Callable:
+        """The pullback of the batch gradient, ``v -> (sum_i H_i v,)``: reusable, so a fixed batch's graph can be
+        built once and multiplied with any number of vectors (reverse-over-reverse: H is symmetric)."""
         t0 = self.flat_theta(block)
 
         def loss_of(t):
             return self.sum_loss(self.with_block(block, t), x, y)
 
-        _, pull = vjp(grad(loss_of), t0)  # reverse-over-reverse: H is symmetric, so H v = pullback of v
+        return vjp(grad(loss_of), t0)[1]
+
+    def hvp_sum(self, block: Block, V: Tensor, x: Tensor, y: Tensor, pull: Callable | None = None) -> Tensor:
+        """``sum_i H_i V^T`` for the block's Hessian, rows of ``V`` (k, size) at once."""
+        pull = pull or self.hvp_pull(block, x, y)
         return vmap(pull)(V)[0].detach()
 
     def ggn_sum(self, block: Block, V: Tensor, x: Tensor, y: Tensor) -> Tensor:
