@@ -26,7 +26,6 @@ from datamatters.errors import UserError
 
 MATRIX_STATS = ("l1", "l2", "trace", "spectral", "code_sparsity", "computational_sparsity",
                 "mean_singular_value", "var_singular_value")
-KERNEL_STATS = ("l1", "l2", "code_sparsity")
 DISTRIBUTION_STATS = ("mean_w", "median_w", "var_w", "mean_b", "median_b", "var_b")
 FEATURES = MATRIX_STATS + DISTRIBUTION_STATS
 SINGULAR_VALUE_FLOOR = 1e-5
