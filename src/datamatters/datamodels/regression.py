@@ -176,13 +176,16 @@ class _BlockCD:
     def qw(self, S: Tensor) -> Tensor:
         return S if self.Q is not None else self.XsT @ S / self.N
 
-    def sweep(self, q: Tensor, lam: Tensor, W: Tensor, S: Tensor) -> None:
+    def sweep(self, q: Tensor, lam: Tensor, W: Tensor, S: Tensor, frozen: Tensor | None = None) -> None:
+        """One pass over the blocks; coordinates where ``frozen`` (p, T) is set (screened out) stay at 0."""
         always = W.is_cuda  # a host sync per block costs more than the product on a GPU
         gram = self.Q is not None
         for (s, e), L in zip(self.blocks, self.L):
             g = S[s:e] if gram else self.XsT[s:e] @ S / self.N
             V = W[s:e] - (g - q[s:e]) / L
             D = soft(V, lam / L).sub_(W[s:e])
+            if frozen is not None:
+                D.masked_fill_(frozen[s:e], 0)
             if always or bool(D.any()):
                 if gram:
                     S.addmm_(self.Q[s:e].T, D)
@@ -271,7 +274,7 @@ class _PathTracker:
         self.best_k[idx] = torch.where(better, k, self.best_k[idx])
         self.since_best[idx] = torch.where(better, torch.zeros_like(k), self.since_best[idx] + 1)
         if bool(better.any()):
-            self.best_W[:, idx[better]] = W_cols[:, better]
+            self.best_W.index_copy_(1, idx[better], W_cols[:, better])
         self.k[idx] = k + 1
         leave = (self.k[idx] >= self.lambdas.shape[0]) | (self.since_best[idx] > self.patience)
         self.active[idx[leave]] = False
@@ -283,61 +286,99 @@ class _PathTracker:
 
 
 def _path_gram(S: Standardised, tracker: _PathTracker, tol: float, max_iter: int, cd: _BlockCD,
-               progress: bool) -> None:
-    """Walk the path: one sweep for all targets still on it, then targets whose gap converged (or that hit
-    ``max_iter`` sweeps) record their lambda and move on, warm-started from a linear extrapolation of their last
-    two solutions; finished targets drop out.
+               progress: bool, screen: bool = True) -> None:
+    """Walk the path: one sweep for all targets still on it, then one duality-gap check; targets whose gap
+    converged (or that hit ``max_iter`` sweeps) record their lambda and move on, warm-started from a linear
+    extrapolation of their last two solutions (checked again at once: the warm start is often converged already);
+    finished targets drop out.
 
-    Column gathers and scatters of (p, T) arrays are strided and cost more than a sweep's arithmetic, so the warm
-    start is a masked full-array update, and targets that leave are frozen in place (weights, state and q set to
-    0: the sweep leaves such a column at 0) and compacted away only once they are 1/8 of the columns."""
+    Screening (``screen``): per target, the sequential strong rule (Tibshirani et al. 2012) freezes at 0 every
+    coordinate with |c_j| < 2 lambda_k - lambda_{k-1} (c = q - Q w at the previous lambda's solution) that is 0 in
+    the warm start. The rule can be wrong, so every gap check is also a KKT check over the frozen coordinates
+    (|c_j| > lambda_k unfreezes them), and convergence is sklearn's duality gap over all coordinates: the solution
+    is the unscreened one. The sweeps stay dense (p^2 T flops: per-target supports differ, so no block is free
+    for all targets); screening saves the moves of coordinates that would enter and leave again.
+
+    Column gathers and scatters of (p, T) arrays are strided, so the full-width work is one sweep and one gap
+    check per iteration; finishing targets are gathered (a few columns); targets that leave are frozen in place
+    (weights, state and q set to 0: the sweep leaves such a column at 0) and compacted away only once they are
+    1/8 of the columns."""
     T = S.q.shape[1]
     idx = torch.arange(T, device=S.q.device)
     W = torch.zeros_like(S.q)
     St = cd.state(W)
     q, yy = S.q.clone(), S.yy  # compacted to the targets still on the path
     W_prev, St_prev = W.clone(), St.clone()  # solution at the previous lambda, for the extrapolated warm start
+    lam0 = tracker.lam(idx)
+    frozen = (q.abs() < lam0) if screen else None  # the strong rule at lambda_max (W = 0, c = q)
     it_lam = torch.zeros(T, dtype=torch.long, device=W.device)
     alive = torch.ones(T, dtype=torch.bool, device=W.device)
     done = 0
     bar = _bar(progress, T, "lasso path (targets done)")
-    while bool(alive.any()):
-        lam = torch.where(alive, tracker.lam(idx), torch.ones((), dtype=q.dtype, device=q.device))
-        # the gap is checked before sweeping: a warm start that is already converged (lambda_max's zero, or an
-        # extrapolation along an unchanged active set) moves on without a sweep
-        conv = duality_gap(None, q, yy, lam, W, cd.qw(St)) <= tol * yy.clamp(min=1e-30)
-        fin = (conv | (it_lam >= max_iter)) & alive
-        if not bool(fin.any()):
-            W, St, _, n = cd.run(q, yy, lam, W, St, tol, 1, done, check=False)
-            done += n
-            it_lam += n
-            continue
-        f = fin.nonzero().flatten()
-        lam_old = tracker.lam(idx[f])
-        leave = tracker.finish_lambda(idx[f], W[:, f], it_lam[f], conv[f])
-        it_lam[f] = 0
-        go = f[~leave]
-        if len(go):
+    one = torch.ones((), dtype=q.dtype, device=q.device)
+
+    def settle(f: Tensor, qw: Tensor, conv: Tensor) -> None:
+        """Columns f (converged or out of sweeps; ``qw``/``conv`` their Q w and gap test): record, advance,
+        extrapolate; repeat on those whose new warm start is converged already."""
+        while len(f):
+            lam_old = tracker.lam(idx[f])
+            leave = tracker.finish_lambda(idx[f], W.index_select(1, f), it_lam[f], conv)
+            it_lam[f] = 0
+            go, keep = f[~leave], ~leave
+            if bool(leave.any()):
+                gone = f[leave]
+                alive[gone] = False
+                for A in (W, St, q, W_prev, St_prev):
+                    A.index_fill_(1, gone, 0)
+                if bar is not None:
+                    bar.update(len(gone))
+            if not len(go):
+                return
             # the lasso path is piecewise linear in lambda: extrapolate the last step (exact while the active set
             # holds), for W and, by linearity, for its product St; about a third fewer sweeps per lambda
-            r = torch.zeros(len(idx), dtype=W.dtype, device=W.device)
-            r[go] = (tracker.lam(idx[go]) / lam_old[~leave]).to(W.dtype)
-            moved = r != 0
-            for X_, P_ in ((W, W_prev), (St, St_prev)):
-                step = X_ - P_
-                P_.copy_(torch.where(moved, X_, P_))
-                X_.add_(step * r)
-        if bool(leave.any()):
-            gone = f[leave]
-            alive[gone] = False
-            for A in (W, St, q, W_prev, St_prev):
-                A[:, gone] = 0
-            if bar is not None:
-                bar.update(len(gone))
-            if (~alive).sum() * 8 >= len(idx) or not bool(alive.any()):
+            lam_new = tracker.lam(idx[go])
+            r = (lam_new / lam_old[keep]).to(W.dtype)
+            Wg, Sg, qg = (A.index_select(1, go) for A in (W, St, q))
+            c_old = (qg - qw[:, keep]).abs()
+            Wn, Sn = Wg + (Wg - W_prev.index_select(1, go)) * r, Sg + (Sg - St_prev.index_select(1, go)) * r
+            for A, V in ((W_prev, Wg), (St_prev, Sg), (W, Wn), (St, Sn)):
+                A.index_copy_(1, go, V)
+            if frozen is not None:  # sequential strong rule for the new lambda
+                frozen.index_copy_(1, go, (Wn == 0) & (c_old < 2 * lam_new - lam_old[keep]))
+            qw = cd.qw(Sn)
+            conv = duality_gap(None, qg, yy[go], lam_new, Wn, qw) <= tol * yy[go].clamp(min=1e-30)
+            if frozen is not None:  # KKT on the screened coordinates: a violator is not converged
+                viol = frozen[:, go] & ((qg - qw).abs() > lam_new)
+                conv &= ~viol.any(0)
+            f, qw, conv = go[conv], qw[:, conv], conv[conv]
+
+    while True:
+        lam = torch.where(alive, tracker.lam(idx), one)
+        qw = cd.qw(St)
+        conv = duality_gap(None, q, yy, lam, W, qw) <= tol * yy.clamp(min=1e-30)
+        if frozen is not None:  # KKT check: screened coordinates that violate |c_j| <= lambda are unfrozen
+            viol = frozen & ((q - qw).abs() > lam)
+            if bool(viol.any()):
+                frozen &= ~viol
+                conv &= ~viol.any(0)
+        fin = (conv | (it_lam >= max_iter)) & alive
+        if bool(fin.any()):
+            f = fin.nonzero().flatten()
+            settle(f, qw.index_select(1, f), conv[f])
+            if not bool(alive.any()):
+                break
+            if (~alive).sum() * 8 >= len(idx):
                 keep = alive
                 idx, it_lam, alive, yy = idx[keep], it_lam[keep], alive[keep], yy[keep]
                 W, St, q, W_prev, St_prev = (A[:, keep].contiguous() for A in (W, St, q, W_prev, St_prev))
+                if frozen is not None:
+                    frozen = frozen[:, keep].contiguous()
+            lam = torch.where(alive, tracker.lam(idx), one)
+        cd.sweep(q, lam, W, St, frozen)
+        done += 1
+        it_lam += alive
+        if done % cd.refresh == 0:
+            St = cd.state(W)
     if bar is not None:
         bar.close()
 
@@ -552,13 +593,15 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
 
     Xv, Yv = read_block(masks, outputs, va, tslice, device, dtype) if gram else (None, None)
     if gram:
-        Xv = (Xv - S.mu.to(dtype)) / S.sd.to(dtype)  # standardised once, reused at every lambda
+        XvT = ((Xv - S.mu.to(dtype)) / S.sd.to(dtype)).T.contiguous()  # standardised once, rows = features
 
     def val_mse(idx: Tensor, W_cols: Tensor) -> Tensor:
         """Validation MSE of standardised weights (bias ybar_train) for targets idx."""
         mu, sd, ybar = S.mu.to(dtype), S.sd.to(dtype), S.ybar.to(dtype)[idx]
         if gram:
-            return ((Xv @ W_cols + ybar - Yv[:, idx]) ** 2).mean(0)
+            rows = W_cols.any(1).nonzero().flatten()  # only the features some target uses (sparse on the path)
+            pred = W_cols.index_select(0, rows).T @ XvT.index_select(0, rows)
+            return ((pred.T + ybar - Yv[:, idx]) ** 2).mean(0)
         tot = torch.zeros(len(idx), dtype=torch.float64, device=device)
         for r in _rows_chunks(va, chunk):
             X, Y = read_block(masks, outputs, r, tslice, device, dtype)
