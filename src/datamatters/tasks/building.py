@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamatters.data.base import IndexedDataModule
 from datamatters.errors import UserError
 from datamatters.models import build_model
-from datamatters.tasks.common import RunContext
+from datamatters.tasks.common import RunContext, quiet_console
 
 
 def build_datamodule(cfg: DictConfig, **overrides: Any) -> IndexedDataModule:
@@ -81,6 +81,7 @@ def build_trainer(cfg: DictConfig, ctx: RunContext, *, ckpt_dir: Path, loggers: 
                   monitor: bool = True, **overrides: Any):
     import lightning as L
 
+    quiet_console()  # Lightning's handlers exist once it is imported
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     kw.pop("_target_", None)
     kw.update(overrides)

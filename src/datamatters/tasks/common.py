@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 import time
@@ -113,6 +114,7 @@ def make_loggers(ctx: RunContext) -> list:
                 config=resolved(cfg),
             )
         )
+        loggers[-1]._wandb_init.pop("anonymous", None)  # Lightning passes None, W&B warns about any value
     ctx.loggers = loggers
     return loggers
 
@@ -176,9 +178,35 @@ def print_summary(summary: dict, keys: list[str] | None = None, title: str = "su
     Console(stderr=False).print(table)
 
 
+class _DropTip(logging.Filter):
+    """Lightning's advertisement for its own cloud logger, printed by every trainer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def quiet_console() -> None:
+    """Each message once: under Hydra the root logger prints to the console and run.log, so Lightning's own console
+    handler (which also propagates to the root) would print every line twice; drop it then. Filter Lightning's
+    litlogger tip and the `srun` hint (submitit, not srun, starts our SLURM tasks)."""
+    import warnings
+
+    lightning_logger = logging.getLogger("lightning")
+    if logging.getLogger().handlers:
+        for h in [h for h in lightning_logger.handlers if type(h) is logging.StreamHandler]:
+            lightning_logger.removeHandler(h)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropTip) for f in lg.filters):
+            lg.addFilter(_DropTip())
+    warnings.filterwarnings("ignore", message=".*The `srun` command is available on your system")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
 @contextmanager
 def job(cfg: DictConfig, job_type: str) -> Iterator[RunContext]:
     """Set up a job (run dir, seed, saved config, loggers) and always close W&B, even on errors."""
+    quiet_console()
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
