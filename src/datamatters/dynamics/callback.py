@@ -181,17 +181,8 @@ class WeightStatsRecorder(L.Callback):
     def write(self) -> Path | None:
         if not self.rows:
             return None
-        df = self.table()
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        tbl = pa.Table.from_pandas(df, preserve_index=False)
-        meta = dict(tbl.schema.metadata or {})
-        meta[b"datamatters"] = json.dumps({"tags": self.tags, "every": self.every,
-                                           "unit": "steps" if self.by_steps else "epochs"}).encode()
-        tbl = tbl.replace_schema_metadata(meta)
-        atomic_write_bytes(self.path, lambda fh: pq.write_table(tbl, fh))
-        return self.path
+        return write_table(self.table(), self.path, {"tags": self.tags, "every": self.every,
+                                                    "unit": "steps" if self.by_steps else "epochs"})
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.write()
@@ -206,10 +197,21 @@ class WeightStatsRecorder(L.Callback):
         self.stat_seconds = float(state_dict.get("stat_seconds", 0.0))
 
 
+def write_table(df: pd.DataFrame, path: str | Path, meta: Mapping[str, Any]) -> Path:
+    """A run's table as parquet (atomically), ``meta`` in the schema metadata under ``datamatters``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tbl = pa.Table.from_pandas(df, preserve_index=False)
+    tbl = tbl.replace_schema_metadata({**(tbl.schema.metadata or {}), b"datamatters": json.dumps(meta).encode()})
+    atomic_write_bytes(Path(path), lambda fh: pq.write_table(tbl, fh))
+    return Path(path)
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
     """A run's table (parquet or CSV)."""
     path = Path(path)
     return pd.read_csv(path) if path.suffix == ".csv" else pd.read_parquet(path)
 
 
-__all__ = ["WeightStatsRecorder", "TABLE_NAME", "read_table"]
+__all__ = ["WeightStatsRecorder", "TABLE_NAME", "read_table", "write_table"]

@@ -146,6 +146,16 @@ class StatsComputer:
             raise UserError("weight statistics: no weight matrix matches the include/exclude patterns; "
                             f"model parameters are {[n for n, _ in model.named_parameters()][:20]}")
 
+    @classmethod
+    def from_tracked(cls, tracked: list[Tracked], per_layer: bool = False) -> "StatsComputer":
+        """For tensors found without a model (a checkpoint's state dict, ``dynamics.checkpoints``)."""
+        if not any(t.kind != "bias" for t in tracked):
+            raise UserError("weight statistics: no weight matrix matches the include/exclude patterns; tensors are "
+                            f"{[t.name for t in tracked][:20]}")
+        self = cls.__new__(cls)
+        self.tracked, self.per_layer = tracked, per_layer
+        return self
+
     @torch.no_grad()
     def __call__(self, params: Mapping[str, torch.Tensor] | None = None) -> dict[str, float]:
         """Statistics of the model's current weights, or of ``params`` (name -> tensor, e.g. one member of a stacked
