@@ -14,6 +14,7 @@ TINY = ["+experiment=attribution_digits", "logger.wandb.enabled=false", "attribu
         "attribution.num_test=12", "attribution.train.epochs=8", "attribution.ground_truth.num_subsets=8",
         "attribution.ground_truth.seeds=2", "attribution.ground_truth.block=4", "attribution.n_boot=50"]
 FEW = ["attribution.methods=[direct,graddot,tracin,knn_shapley,trak,data_oob]", "attribution.trak.checkpoints=[1,2]",
+       "attribution.trak.outputs=[loss,margin]",
        "attribution.trak.projection_dims=[16]", "attribution.tracin_epochs=[4,8]",
        "attribution.valuation.data_oob.n_estimators=30"]
 
@@ -61,6 +62,8 @@ def test_tiny_job_end_to_end_and_resume(tmp_path):
     assert (run / "attribution" / "logistic" / "table.md").read_text().strip() in tables_from_results(
         s["artifacts"]["results"])
     assert [r["trainings"] for r in res["rows"] if r["family"] == "trak k=16"] == [1, 2]
+    assert [r["method"] for r in res["rows"] if r["family"] == "trak-margin k=16"] == ["trak-margin-1 (k=16)",
+                                                                                    "trak-margin-2 (k=16)"]
     # re-run into the same dir: nothing is retrained, rows come back identical
     again = _results(run_job(tmp_path, TINY + FEW))["models"]["logistic"]
     assert again["ground_truth_train_s"] == 0
@@ -127,6 +130,17 @@ def test_settings_resolve_interpolations_against_the_whole_config():
     assert s.influence.direct_wd.regularization == 0.003 and s.train.weight_decay == 0.003
     with pytest.raises(UserError, match="bad attribution config"):
         settings(compose_cfg(["+experiment=attribution_digits", "+attribution.influence.x.regularization=${nope}"]))
+
+
+def test_trak_margin_is_log_odds_of_the_label():
+    import torch
+
+    from datamatters.tasks.attribution_methods import neg_margin
+
+    logits, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 3, 1, 1, 2])
+    p = torch.softmax(logits, 1)[torch.arange(5), y]
+    for i in range(5):
+        assert float(neg_margin(logits[i:i + 1], y[i:i + 1])) == pytest.approx(-float(torch.log(p[i] / (1 - p[i]))))
 
 
 def test_markdown_table_groups_global_values_last():

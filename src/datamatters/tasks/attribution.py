@@ -74,6 +74,7 @@ class TrakCfg:
     checkpoints: List[int] = field(default_factory=lambda: [1, 10, 50])
     projection_dims: List[int] = field(default_factory=lambda: [64, 512])
     seed: int = 3
+    outputs: List[str] = field(default_factory=lambda: ["loss"])  # loss | margin (TRAK's margin + Q re-weighting)
 
 
 @dataclass
@@ -123,6 +124,8 @@ def settings(cfg: DictConfig) -> DictConfig:
         raise UserError("TRAK needs independently trained checkpoints: attribution.trak.checkpoints must list counts "
                         f">= 1 and trak.projection_dims sizes, got {list(s.trak.checkpoints)} and "
                         f"{list(s.trak.projection_dims)}")
+    if "trak" in s.methods and (not s.trak.outputs or set(s.trak.outputs) - {"loss", "margin"}):
+        raise UserError(f"attribution.trak.outputs must list loss and/or margin, got {list(s.trak.outputs)}")
     if "datamodels" in s.methods and (not s.datamodels.sizes or min(s.datamodels.sizes) < 1):
         raise UserError(f"datamodels need subset models: attribution.datamodels.sizes must list model counts >= 1, "
                         f"got {list(s.datamodels.sizes)}")
@@ -282,9 +285,10 @@ def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, o
             rows += _cached(path, key, lambda: am.datamodels_rows(p, store, list(s.datamodels.sizes), per_model,
                                                                   fit_kw))
         elif name == "trak":
-            g2 = am.mean_sq_grad_norm(p.full, p.Xtr.to(dtype), p.ytr)
+            g2 = {o: am.mean_sq_grad_norm(p.full, p.Xtr.to(dtype), p.ytr, am.OUTPUTS[o]) for o in s.trak.outputs}
             rows += _cached(path, key, lambda: am.trak_rows(p, list(s.trak.checkpoints), list(s.trak.projection_dims),
-                                                            float(s.damping_factor), int(s.trak.seed), g2))
+                                                            float(s.damping_factor), int(s.trak.seed), g2,
+                                                            tuple(s.trak.outputs)))
         elif name == "tracin":
             rows += _cached(path, key, lambda: am.tracin_row(p, list(s.tracin_epochs)))
         elif name == "graddot":

@@ -93,10 +93,22 @@ def curvature_spectrum(model: nn.Module, data: list, dense_limit: int = 5000, sa
     return {"mean": float(curv.diagonal(samples=samples).mean()), "max": None, "min": None, "dense": False}
 
 
-def mean_sq_grad_norm(model: nn.Module, X, y) -> float:
+def neg_margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Minus TRAK's output function ``log(p_y / (1 - p_y))`` (= logit_y - logsumexp of the other logits), mean over
+    the batch: gradients are those of the margin with the sign of a loss, so products of two are unchanged."""
+    correct = logits.gather(1, y[:, None])[:, 0]
+    label = torch.arange(logits.shape[1], device=logits.device) == y[:, None]  # (no one_hot: it breaks vmap)
+    others = logits.masked_fill(label, float("-inf"))
+    return (torch.logsumexp(others, 1) - correct).mean()
+
+
+OUTPUTS = {"loss": F.cross_entropy, "margin": neg_margin}
+
+
+def mean_sq_grad_norm(model: nn.Module, X, y, loss=F.cross_entropy) -> float:
     from datamatters.influence.tracin import GradientDotInfluence
 
-    g = GradientDotInfluence(model, F.cross_entropy).fit([(X, y)]).feature_rows(X, y)
+    g = GradientDotInfluence(model, loss).fit([(X, y)]).feature_rows(X, y)
     return float((g ** 2).sum(1).mean())
 
 
@@ -173,12 +185,28 @@ def tracin_row(p: Problem, epochs: list[int]) -> dict:
 
 
 # ---- TRAK over independently trained models --------------------------------------------------------------------
-def trak_rows(p: Problem, checkpoints: list[int], dims: list[int], factor: float, seed: int, g2: float) -> list[dict]:
-    """TRAK ensembles: ``c`` models trained on all data from independent inits (ids under ``seed``), one projected
-    kernel each, score matrices averaged; cost = c trainings + c TRAK fits."""
-    import time
-
+def trak_scores(p: Problem, model: nn.Module, k: int, lam: float, seed: int, output: str) -> np.ndarray:
+    """One member's TRAK matrix. ``loss``: loss gradients on both sides (the orientation of the influence rows);
+    ``margin``: TRAK's own form, margin gradients and each train column times ``Q = 1 - p_y`` (the out-to-loss
+    factor; traker multiplies by its mean over members, ``trak_rows`` does the same)."""
     from datamatters.influence import TrakInfluence
+
+    inf = TrakInfluence(model, OUTPUTS[output], projection_dim=int(k), regularization=lam, seed=seed).fit(p.data)
+    return inf.influences(p.Xte.to(p.dtype), p.yte, p.Xtr.to(p.dtype), p.ytr).cpu().numpy()
+
+
+def out_to_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        prob = torch.softmax(model(X.to(next(model.parameters()).dtype)), 1).gather(1, y[:, None])[:, 0]
+    return (1 - prob).cpu().numpy()
+
+
+def trak_rows(p: Problem, checkpoints: list[int], dims: list[int], factor: float, seed: int, g2: dict,
+              outputs: tuple[str, ...] = ("loss",)) -> list[dict]:
+    """TRAK ensembles: ``c`` models trained on all data from independent inits (ids under ``seed``), one projected
+    kernel each, score matrices averaged; cost = c trainings + c TRAK fits. ``g2[output]``: E||g||^2 of the full
+    model, so lambda = factor x the mean eigenvalue of the projected kernel."""
+    import time
 
     C = max(checkpoints)
     ones = np.ones((C, len(p.ytr)), bool)
@@ -186,21 +214,26 @@ def trak_rows(p: Problem, checkpoints: list[int], dims: list[int], factor: float
     params = p.train(ones, seed, range(C))
     per_train = (time.perf_counter() - t) / C
     rows = []
-    for k in dims:
-        lam = factor * g2 / k
-        mats, secs, peak = [], [], 0.0
-        for c in range(C):
-            with Measure() as m:
-                inf = TrakInfluence(p.network(params, c), F.cross_entropy, projection_dim=int(k), regularization=lam,
-                                    seed=c).fit(p.data)
-                mats.append(inf.influences(p.Xte.to(p.dtype), p.yte, p.Xtr.to(p.dtype), p.ytr).cpu().numpy())
-            secs.append(m.seconds)
-            peak = max(peak, m.peak_mib)
-        for c in sorted(set(checkpoints)):
-            m = Measure()
-            m.seconds, m.peak_mib = sum(secs[:c]), peak
-            rows.append(row(f"trak-{c} (k={k})", p.lds(np.mean(mats[:c], axis=0)), m, trainings=c, grad_passes=c,
-                            damping=lam, family=f"trak k={k}", train_s=c * per_train))
+    for output in outputs:
+        tag = "trak" if output == "loss" else f"trak-{output}"
+        for k in dims:
+            lam = factor * g2[output] / k
+            mats, qs, secs, peak = [], [], [], 0.0
+            for c in range(C):
+                with Measure() as m:
+                    net = p.network(params, c)
+                    mats.append(trak_scores(p, net, k, lam, c, output))
+                    qs.append(out_to_loss(net, p.Xtr, p.ytr) if output == "margin" else None)
+                secs.append(m.seconds)
+                peak = max(peak, m.peak_mib)
+            for c in sorted(set(checkpoints)):
+                m = Measure()
+                m.seconds, m.peak_mib = sum(secs[:c]), peak
+                S = np.mean(mats[:c], axis=0)
+                if output == "margin":
+                    S = S * np.mean(qs[:c], axis=0)[None, :]
+                rows.append(row(f"{tag}-{c} (k={k})", p.lds(S), m, trainings=c, grad_passes=c, damping=lam,
+                                family=f"{tag} k={k}", train_s=c * per_train))
     return rows
 
 
