@@ -74,7 +74,7 @@ def batched(store_dir: Path, n: int) -> float:
     _, Xt, yt = dm.dataset("test").tensors()
     tr = BatchedSubsetTrainer(build_model("logistic", (1, 8, 8), 10), Xtr, ytr, Xt, yt, **HP)
     t0 = time.perf_counter()
-    run_worker(store, tr, range(n), block_size=500)
+    run_worker(store, tr, range(n))  # the worker's own block rule (MAX_AUTO_BLOCK rows per block, written as trained)
     return time.perf_counter() - t0
 
 
@@ -118,10 +118,13 @@ def main() -> None:
 
     import torch
 
+    from datamatters.datamodels.workers import MAX_AUTO_BLOCK
+
     res = {
         "benchmark": "datamodels training throughput (train one subset model + margins on 359 targets + store row)",
         "setting": {**HP, "model": "logistic", "data": "digits: 629 train points, 359 targets", "threads": 1,
-                    "batched_models_per_run": a.batched_models, "batched_block_size": 500},
+                    "batched_models_per_run": a.batched_models,
+                    "batched_block_size": f"auto ({MAX_AUTO_BLOCK} rows per block)"},
         "models_per_s": {"one_process_per_model_lightning": 1 / st.median(proc_s),
                          "lightning_in_one_process": 1 / st.median(inproc_s),
                          "batched": 1 / st.median(batched_s)},
