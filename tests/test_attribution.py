@@ -143,6 +143,21 @@ def test_trak_margin_is_log_odds_of_the_label():
         assert float(neg_margin(logits[i:i + 1], y[i:i + 1])) == pytest.approx(-float(torch.log(p[i] / (1 - p[i]))))
 
 
+def test_wandb_table_accepts_mixed_damping_values():
+    """A real run's rows mix numeric, per-layer and 'auto' damping; wandb.Table refuses mixed column types."""
+    import wandb
+
+    from datamatters.evaluation.attribution import COLUMNS
+    from datamatters.tasks.attribution import table_data
+
+    base = {"group": "per_test", "lds": 0.5, "ci_low": 0.4, "ci_high": 0.6, "seconds": 1.0, "cost_s": 2.0,
+            "trainings": 1, "grad_passes": 1, "peak_mib": 0.0}
+    rows = [{**base, "method": "direct", "damping": 0.001}, {**base, "method": "datainf", "damping": "auto"},
+            {**base, "method": "graddot", "damping": None}, {**base, "method": "x", "damping": {"fc1": 0.1}}]
+    t = wandb.Table(columns=list(COLUMNS), data=table_data(rows))
+    assert [r[-1] for r in t.data] == ["0.001", "auto", None, "{'fc1': 0.1}"]
+
+
 def test_markdown_table_groups_global_values_last():
     rows = [{"method": "v", "group": "global", "lds": 0.5, "ci_low": 0.4, "ci_high": 0.6},
             {"method": "a", "lds": 0.1, "ci_low": 0.0, "ci_high": 0.2},

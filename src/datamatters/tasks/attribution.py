@@ -314,15 +314,25 @@ def _method_cfg(s: DictConfig, name: str) -> dict:
 
 
 # ---- the job -----------------------------------------------------------------------------------------------------
+def table_data(rows: list[dict]) -> list[list]:
+    """Rows for a W&B table: one type per column (damping mixes numbers, per-layer dicts and 'auto': text)."""
+    from datamatters.evaluation.attribution import COLUMNS
+
+    def cell(c, v):
+        if v is None:
+            return None
+        return str(v) if c == "damping" or isinstance(v, (dict, list)) else v
+
+    return [[cell(c, r.get(c)) for c in COLUMNS] for r in rows]
+
+
 def _log_tables(ctx, tables: dict) -> None:
     from datamatters.evaluation.attribution import COLUMNS
 
     for lg in ctx.loggers:
         if type(lg).__name__ == "WandbLogger":
             for label, rows in tables.items():
-                lg.log_table(key=f"attribution/{label}", columns=list(COLUMNS),
-                             data=[[r.get(c) if not isinstance(r.get(c), dict) else str(r.get(c)) for c in COLUMNS]
-                                   for r in rows])
+                lg.log_table(key=f"attribution/{label}", columns=list(COLUMNS), data=table_data(rows))
 
 
 def run(cfg: DictConfig) -> dict:
