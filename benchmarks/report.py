@@ -311,6 +311,7 @@ INFLUENCE_LABELS = {
     "cg_all": "CG, all test rows",
     "arnoldi": "Arnoldi",
     "ekfac": "EK-FAC",
+    "ekfac_ggn": "EK-FAC on exact expected Gauss-Newton factors (ours only: another approximation than pyDVL's)",
 }
 INFLUENCE_GOALS = {"direct": 3.0, "arnoldi": 3.0}
 
@@ -345,7 +346,8 @@ def render_influence() -> str:
             if _num(r.get("ours_total_s")):
                 ratios.append(f"~{ratio(r['pydvl_one_shot_extrapolated_s'] / r['ours_total_s'])} (extrapolated)")
         agree = []
-        for key in ("agreement_vs_pydvl_calculator", "agreement_vs_pydvl_one_shot", "agreement_vs_cg"):
+        preferred = ["agreement_vs_pydvl_calculator", "agreement_vs_pydvl_one_shot"]
+        for key in preferred + sorted(k for k in r if k.startswith("agreement_vs_") and k not in preferred):
             a = r.get(key)
             if isinstance(a, dict):
                 agree.append(f"vs {key.split('_vs_')[1].replace('_', ' ')}: rel. error {sig(a.get('rel_error'), 2)}, "
