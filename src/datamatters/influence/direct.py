@@ -2,7 +2,8 @@
 
 pyDVL's ``DirectInfluence`` re-solves ``torch.linalg.solve(H + lambda I, g)`` on every call, i.e. it refactorises
 the (p, p) matrix for every chunk of test points; here the LU factorisation is computed once in ``fit`` and each
-call is two triangular solves. (pyDVL's dense Gauss-Newton also mis-normalises by the number of parameters;
+call is two triangular solves (Cholesky when the regularised curvature is positive definite, LU otherwise).
+(pyDVL's dense Gauss-Newton also mis-normalises by the number of parameters;
 ``curvature="empirical_fisher"`` here is the exact mean of ``g g^T``.)
 """
 from __future__ import annotations
@@ -35,11 +36,17 @@ class DirectInfluence(InfluenceModel):
             C = Curvature(self.fn, b, data, self.curvature).dense(self.column_chunk)
             self.matrices[b.name] = C
             A = C + self.regularization[b.name] * torch.eye(b.size, dtype=C.dtype, device=C.device)
-            LU, piv, info = torch.linalg.lu_factor_ex(A)
+            L, info = torch.linalg.cholesky_ex(A)  # positive definite (always for GGN/Fisher + lambda > 0): half of LU
+            if int(info) == 0:
+                self._lu[b.name] = (L, None)
+                continue
+            LU, piv, info = torch.linalg.lu_factor_ex(A)  # an indefinite Hessian
             if int(info) != 0:
                 raise UserError(f"block {b.name!r}: curvature + regularization is singular; increase regularization")
             self._lu[b.name] = (LU, piv)
 
     def _solve_block(self, block: Block, G: Tensor) -> Tensor:
         LU, piv = self._lu[block.name]
+        if piv is None:
+            return torch.cholesky_solve(G.T, LU).T
         return torch.linalg.lu_solve(LU, piv, G.T).T
