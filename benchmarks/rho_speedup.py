@@ -43,6 +43,7 @@ from datamatters.selection.il_store import ILTable
 from datamatters.selection.module import SelectiveModule
 from datamatters.selection.peers import build_peer
 from datamatters.training.classifier import ClassifierModule, evaluate_losses
+from rho_speedup_table import goals, markdown
 
 METHODS = ["uniform", "uniform_lr_decay", "reducible_loss", "infobatch", "full_data", "selective_backprop", "ce_loss",
            "gradnorm_ub"]
@@ -149,34 +150,6 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def goals(summary: dict) -> dict:
-    """The issue's goals, each as measured / met."""
-    out = {}
-    m10 = summary.get("mnist1d:uniform:0.1")
-    if m10:
-        rho = next(r for r in m10 if r["baseline"] == "uniform" and r["label"] == "reducible_loss")
-        out["rho_steps_speedup_mnist1d_10pct >= 3"] = {"measured": rho["sp_steps"], "ci": [rho["sp_steps_lo"], rho["sp_steps_hi"]],
-                                                       "reached": f"{rho['reached']}/{rho['seeds']}", "met": rho["sp_steps"] >= 3}
-    for cell in ("mnist1d:uniform:0.2", "digits:uniform:0.2"):
-        rows = summary.get(cell)
-        if rows:
-            rho = next(r for r in rows if r["baseline"] == "uniform" and r["label"] == "reducible_loss")
-            out[f"rho_wallclock_with_il_{cell} >= 1.5"] = {"measured": rho["sp_secs_il"], "met": rho["sp_secs_il"] >= 1.5,
-                                                           "ci": [rho["sp_secs_il_lo"], rho["sp_secs_il_hi"]],
-                                                           "cpu_seconds_speedup_with_il": rho["sp_cpu_il"]}
-    for cell, rows in summary.items():
-        by = {r["label"]: r for r in rows if r["baseline"] == "uniform"}
-        if "infobatch" in by and "full_data" in by:
-            ib, fd = by["infobatch"], by["full_data"]
-            saved = 1 - ib["train_s_total"] / fd["train_s_total"]
-            saved_cpu = 1 - ib["train_cpu_s_total"] / fd["train_cpu_s_total"]
-            drop = fd["final_acc"] - ib["final_acc"]
-            out[f"infobatch_{cell}: acc within 0.5 pt of full data at >= 30% less time"] = {
-                "acc_drop_points": 100 * drop, "time_saved": saved, "cpu_time_saved": saved_cpu,
-                "met": drop <= 0.005 and saved >= 0.30}
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cells", nargs="+", default=["mnist1d:uniform:0.1"], help="dataset:kind:noise, or 'all'")
@@ -184,6 +157,7 @@ def main():
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--seed-start", type=int, default=0, help="first seed (split a grid over processes; --merge)")
     ap.add_argument("--merge", nargs="+", default=None, help="merge result JSONs (same setup) into --out and exit")
+    ap.add_argument("--extra", default=None, help="with --merge: a JSON file whose keys are added to the output")
     ap.add_argument("--epochs", type=int, default=60, help="big-batch epochs (10%% of the data trained on per epoch)")
     ap.add_argument("--percent-train", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -199,7 +173,7 @@ def main():
         print(markdown(json.loads(Path(args.table).read_text())))
         return
     if args.merge:
-        return merge(args.merge, Path(args.out))
+        return merge(args.merge, Path(args.out), json.loads(Path(args.extra).read_text()) if args.extra else None)
     cells = ALL_CELLS if args.cells == ["all"] else args.cells
     torch.set_num_threads(1)
     started = time.time()
@@ -259,12 +233,17 @@ def main():
     print(json.dumps(out["goals"], indent=1))
 
 
-def merge(paths: list[str], dest: Path) -> None:
-    """One results JSON from several processes' (e.g. seeds 0-2 and 3-4 of a cell run side by side)."""
+def merge(paths: list[str], dest: Path, extra: dict | None = None) -> None:
+    """One results JSON from several processes' (e.g. seeds 0-2 and 3-4 of a cell run side by side); a cut-short
+    part contributes its finished seeds. ``extra``: keys added as they are (e.g. what a reduced run left out)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     out = {k: v for k, v in parts[0].items() if k not in ("runs", "summary", "goals", "il", "partial")}
     runs = [r for p in parts for r in p["runs"] + (p.get("partial") or {}).get("runs", [])]
     out.update(runs=runs, il={k: v for p in parts for k, v in p["il"].items()}, merged_from=list(paths))
+    out["methods"] = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    out["methods_per_cell"] = {c: [m for m in out["methods"] if any(r["cell"] == c and r["method"] == m for r in runs)]
+                               for c in sorted({r["cell"] for r in runs})}
+    out.update(extra or {})
     out["cells_run"] = sorted({r["cell"] for r in runs})
     out["cells_not_run"] = sorted(set(out["cells_requested"]) | {c for p in parts for c in p["cells_requested"]}
                                   - set(out["cells_run"]))
@@ -277,21 +256,6 @@ def merge(paths: list[str], dest: Path) -> None:
     plot(out, dest.with_suffix(".png"))
     print(markdown(out))
     print(json.dumps(out["goals"], indent=1))
-
-
-def markdown(out: dict) -> str:
-    """The README table: per cell and method, speed-ups against uniform (and uniform with lr decay) with CIs."""
-    f = lambda r, k: "n/a" if r[k] != r[k] else f"{r[k]:.2f} [{r[k + '_lo']:.2f}, {r[k + '_hi']:.2f}]"  # noqa: E731
-    lines = ["| cell | method | reached | steps x (vs uniform) | steps x (vs lr decay) | time x | time x with IL | "
-             "CPU-time x with IL | final acc | corrupted | overhead |", "|" + "---|" * 11]
-    for cell, rows in out["summary"].items():
-        decay = {r["label"]: r for r in rows if r["baseline"] == "uniform_lr_decay"}
-        for r in (r for r in rows if r["baseline"] == "uniform"):
-            d = decay.get(r["label"])
-            lines.append(f"| {cell} | {r['label']} | {r['reached']}/{r['seeds']} | {f(r, 'sp_steps')} | "
-                         f"{f(d, 'sp_steps') if d else 'n/a'} | {f(r, 'sp_secs')} | {f(r, 'sp_secs_il')} | {f(r, 'sp_cpu_il')} | "
-                         f"{r['final_acc']:.3f} | {r['corrupted_frac']:.3f} | {r['overhead']:.2f} |")
-    return "\n".join(lines)
 
 
 def plot(out: dict, path: Path) -> None:
@@ -307,6 +271,8 @@ def plot(out: dict, path: Path) -> None:
     for j, cell in enumerate(cells):
         for m in out["methods"]:
             curves = [r["curve"] for r in out["runs"] if r["cell"] == cell and r["method"] == m]
+            if not curves:
+                continue
             n = min(len(c) for c in curves)
             acc = np.mean([[row["test_acc"] for row in c[:n]] for c in curves], 0)
             for i, key in enumerate(("step", "train_s")):

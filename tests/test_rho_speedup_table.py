@@ -1,0 +1,64 @@
+"""benchmarks/rho_speedup_table.py: the speed-up benchmark's goals (met / missed at the issue's thresholds) and its
+README block, on hand-made summaries."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tab():
+    spec = importlib.util.spec_from_file_location("rho_speedup_table", ROOT / "benchmarks" / "rho_speedup_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def row(label, baseline="uniform", sp_steps=1.0, sp_secs_il=1.0, sp_cpu_il=1.0, final_acc=0.6, secs=10.0, cpu=5.0,
+        reached=3):
+    r = {"label": label, "baseline": baseline, "seeds": 3, "reached": reached, "final_acc": final_acc,
+         "corrupted_frac": 0.05, "overhead": 0.3, "train_s_total": secs, "train_cpu_s_total": cpu}
+    for k, v in (("sp_steps", sp_steps), ("sp_secs", 1.0), ("sp_secs_il", sp_secs_il), ("sp_cpu", 1.0),
+                 ("sp_cpu_il", sp_cpu_il)):
+        r.update({k: v, f"{k}_lo": v - 0.1 if v == v else v, f"{k}_hi": v + 0.1 if v == v else v})
+    return r
+
+
+def cell(rho_steps=3.2, rho_il=1.6, ib_acc=0.596, ib_secs=6.9, ib_cpu=3.4):
+    return [row("uniform"), row("reducible_loss", sp_steps=rho_steps, sp_secs_il=rho_il, sp_cpu_il=rho_il),
+            row("full_data", final_acc=0.600), row("infobatch", final_acc=ib_acc, secs=ib_secs, cpu=ib_cpu),
+            row("reducible_loss", baseline="uniform_lr_decay", sp_steps=2.0)]
+
+
+def test_goals_met_at_the_thresholds(tab):
+    g = tab.goals({"mnist1d:uniform:0.1": cell(), "mnist1d:uniform:0.2": cell()})
+    assert g["rho_steps_speedup_mnist1d_10pct >= 3"]["met"]
+    assert g["rho_steps_speedup_mnist1d_10pct >= 3"]["measured"] == 3.2  # against uniform, not the lr-decay baseline
+    assert g["rho_wallclock_with_il_mnist1d:uniform:0.2 >= 1.5"]["met"]
+    ib = g["infobatch_mnist1d:uniform:0.1: acc within 0.5 pt of full data at >= 30% less time"]
+    assert ib["met"] and ib["acc_drop_points"] == pytest.approx(0.4) and ib["time_saved"] == pytest.approx(0.31)
+    assert ib["met_in_cpu_seconds"] and ib["cpu_time_saved"] == pytest.approx(0.32)
+
+
+@pytest.mark.parametrize("kw, key", [
+    (dict(rho_steps=2.9), "rho_steps_speedup_mnist1d_10pct >= 3"),
+    (dict(rho_steps=float("nan")), "rho_steps_speedup_mnist1d_10pct >= 3"),  # never reached the target
+    (dict(rho_il=1.4), "rho_wallclock_with_il_mnist1d:uniform:0.2 >= 1.5"),
+    (dict(ib_acc=0.594), "infobatch_mnist1d:uniform:0.2: acc within 0.5 pt of full data at >= 30% less time"),
+    (dict(ib_secs=7.1), "infobatch_mnist1d:uniform:0.2: acc within 0.5 pt of full data at >= 30% less time"),
+])
+def test_goals_missed_just_past_the_thresholds(tab, kw, key):
+    g = tab.goals({"mnist1d:uniform:0.1": cell(**kw), "mnist1d:uniform:0.2": cell(**kw)})
+    assert not g[key]["met"]
+
+
+def test_markdown_shows_ci_na_and_misses(tab):
+    summary = {"mnist1d:uniform:0.1": cell(rho_steps=float("nan"))}
+    md = tab.markdown({"summary": summary, "goals": tab.goals(summary), "setup": {"n_B": 320}, "reps": 3,
+                       "reduced": "mnist1d only"})
+    line = next(x for x in md.splitlines() if x.startswith("| mnist1d:uniform:0.1 | reducible_loss |"))
+    assert "| n/a | 2.00 [1.90, 2.10] |" in line  # no speed-up vs uniform (never reached), 2x vs the lr-decay one
+    assert "**missed**" in md and "Reduced run: mnist1d only" in md
+    assert md.count("| mnist1d:uniform:0.1 |") == 4  # one row per method against uniform
