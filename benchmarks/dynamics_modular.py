@@ -1,12 +1,10 @@
 """Modular addition dynamics benchmark: many seeds of the grokking transformer, recorded with the framework's weight
 statistics, then the HMM analysis (``datamatters.dynamics.analyse_runs``), with and without LayerNorm.
 
-Training all seeds of one setting at once with ``torch.func`` (vmap over stacked parameters, one AdamW over the
-stacks, which is exactly one independent AdamW per seed because AdamW is elementwise) keeps the per-step Python/
-Lightning overhead from multiplying by the number of seeds, which is what makes many seeds fit on 2 shared CPU cores.
-Each seed has its own split (``ModularAdditionDataModule(seed=seed)``, as the reference draws the split per seed) and
-its own initialisation (the model built under ``torch.manual_seed(seed)``). The same statistics code as the Lightning
-callback (``StatsComputer``) writes one ``weight_stats.parquet`` per seed in the callback's format.
+All seeds of one setting train at once (``datamatters.dynamics.stacked.StackedSeeds``: torch.func over stacked
+parameters, tested equal to seed-by-seed training), each with its own split, initialisation and minibatches; the
+callback's statistics code writes one ``weight_stats.parquet`` per seed. ``--measure`` only times seed-steps per
+second at the reference's size (written under ``throughput`` in the result).
 
     python benchmarks/dynamics_modular.py          # the reduced CPU setting that was run here (defaults)
     python benchmarks/dynamics_modular.py --seeds 40 --p 113 --frac 0.3 --d_model 128 --d_mlp 512 --lr 1e-3 \
@@ -28,87 +26,42 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call, grad_and_value, stack_module_state, vmap
 
-from datamatters.data.synthetic import ModularAdditionDataModule
-from datamatters.dynamics.stats import StatsComputer
-from datamatters.models import build_model
+from datamatters.dynamics.stacked import StackedSeeds
 
 ROOT = Path(__file__).resolve().parent
-
-
-def seed_split(p: int, frac: float, seed: int):
-    dm = ModularAdditionDataModule(p=p, train_fraction=frac, seed=seed, label_noise={})
-    dm.setup()
-    _, Xtr, ytr = dm.dataset("train").tensors()
-    va = np.concatenate([dm.split_indices("val"), dm.split_indices("test")])  # the reference evaluates on all 70%
-    X, y = dm.sources["all"].X, dm.sources["all"].y
-    return Xtr, ytr, X[va], y[va]
 
 
 def train_seeds(seeds, out_root: Path, p=113, frac=0.3, d_model=128, num_heads=4, d_mlp=512, layernorm=False,
                 lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98), steps=20000, record_every=50, batch_size=None,
                 device="cpu", log=print) -> float:
-    """Train every seed (full batch unless ``batch_size``), record statistics + losses every ``record_every`` steps."""
-    kw = dict(d_model=d_model, num_heads=num_heads, d_head=d_model // num_heads, d_mlp=d_mlp, layernorm=layernorm)
-    models = []
-    for s in seeds:
-        torch.manual_seed(s)
-        models.append(build_model("transformer", (3,), p, **kw).to(device))
-    params, buffers = stack_module_state(models)
-    base = copy.deepcopy(models[0]).to("meta")
-    stats = StatsComputer(models[0])
-    data = [seed_split(p, frac, s) for s in seeds]
-    Xtr = torch.stack([d[0] for d in data]).to(device)
-    ytr = torch.stack([d[1] for d in data]).to(device)
-    Xva = torch.stack([d[2] for d in data]).to(device)
-    yva = torch.stack([d[3] for d in data]).to(device)
-
-    def loss_fn(pr, bu, x, y):
-        return F.cross_entropy(functional_call(base, (pr, bu), (x,)), y)
-
-    step_fn = vmap(grad_and_value(loss_fn))
-    opt = torch.optim.AdamW(list(params.values()), lr=lr, weight_decay=weight_decay, betas=betas)
-    names = list(params)
-    rows = {s: [] for s in seeds}
-    gen = torch.Generator().manual_seed(0)
+    """Train every seed together (``datamatters.dynamics.stacked``), tables under ``out_root/seed<k>/``."""
     t0 = time.perf_counter()
-    for step in range(1, steps + 1):
-        if batch_size:
-            idx = torch.stack([torch.randperm(Xtr.shape[1], generator=gen)[:batch_size] for _ in seeds]).to(device)
-            x, y = torch.gather(Xtr, 1, idx[..., None].expand(-1, -1, 3)), torch.gather(ytr, 1, idx)
-        else:
-            x, y = Xtr, ytr
-        grads, _ = step_fn(params, buffers, x, y)
-        for n in names:
-            params[n].grad = grads[n]
-        opt.step()
-        if step % record_every == 0 or step == 1:
-            _record(rows, seeds, step, params, buffers, base, stats, Xtr, ytr, Xva, yva)
-            if step % (record_every * 20) == 0:
-                va = np.mean([r[-1]["val_acc"] for r in rows.values()])
-                log(f"  step {step}: mean val_acc {va:.3f} ({time.perf_counter() - t0:.0f}s)")
-    for s in seeds:
-        d = out_root / f"seed{s}"
-        d.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame(rows[s]).to_parquet(d / "weight_stats.parquet", index=False)
+    StackedSeeds(seeds, p=p, frac=frac, d_model=d_model, num_heads=num_heads, d_mlp=d_mlp, layernorm=layernorm, lr=lr,
+                 weight_decay=weight_decay, betas=betas, batch_size=batch_size, device=device).train(
+        steps, record_every, out_root, log=lambda st, va: log(f"  step {st}: mean val_acc {va:.3f} "
+                                                               f"({time.perf_counter() - t0:.0f}s)"))
     return time.perf_counter() - t0
 
 
-@torch.no_grad()
-def _record(rows, seeds, step, params, buffers, base, stats, Xtr, ytr, Xva, yva):
-    def evaluate(pr, bu, x, y):
-        logits = functional_call(base, (pr, bu), (x,))
-        return F.cross_entropy(logits, y), (logits.argmax(-1) == y).float().mean()
-
-    tl, ta = vmap(evaluate)(params, buffers, Xtr, ytr)
-    vl, vacc = vmap(evaluate)(params, buffers, Xva, yva)
-    for i, s in enumerate(seeds):
-        row = {"step": step, "epoch": step}
-        row.update(stats({n: t[i] for n, t in params.items()}))
-        row.update({"train_loss": float(tl[i]), "train_acc": float(ta[i]), "val_loss": float(vl[i]),
-                    "val_acc": float(vacc[i]), "seed": s})
-        rows[s].append(row)
+def measure(seeds: int, steps: int, record_every: int = 150, device: str = "cpu", layernorm: bool = False) -> dict:
+    """Seed-steps per second at the reference's size (p 113, d_model 128, 4 heads, MLP 512, batch 256), training
+    steps and one statistics record timed apart (the reference records every 150 steps)."""
+    st = StackedSeeds(list(range(seeds)), layernorm=layernorm, batch_size=256, device=device)
+    st.step()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        st.step()
+    if device != "cpu":
+        torch.cuda.synchronize()
+    step_s = (time.perf_counter() - t0) / steps
+    t0 = time.perf_counter()
+    st.record()
+    record_s = time.perf_counter() - t0
+    per_step = step_s + record_s / record_every
+    return {"seeds": seeds, "timed_steps": steps, "layernorm": layernorm, "seconds_per_step": step_s,
+            "seconds_per_record": record_s, "seed_steps_per_s": seeds / per_step,
+            "seed_steps_per_s_without_records": seeds / step_s}
 
 
 REFERENCE = {"plain": {"k": 6, "detour_r": 0.49, "detour_p": 0.0014, "seeds": 40},
@@ -178,8 +131,14 @@ def main():
     ap.add_argument("--covariance_types", default="full,diag", help="full (the reference) and extra analyses")
     ap.add_argument("--skip_train", action="store_true", help="analyse runs already under --out")
     ap.add_argument("--result", type=Path, default=ROOT / "results" / "dynamics_modular.json")
+    ap.add_argument("--measure", default="", help="comma-separated seed counts: only time the reference's size")
+    ap.add_argument("--measure_steps", type=int, default=10)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.measure:
+        _measure(args)
+        return
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     result = {"setting": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "reference": REFERENCE, "variants": {}}
@@ -203,6 +162,25 @@ def main():
     args.result.parent.mkdir(parents=True, exist_ok=True)
     args.result.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.result}")
+
+
+def _measure(args):
+    runs = [measure(int(n), args.measure_steps, device=args.device) for n in args.measure.split(",")]
+    best = max(runs, key=lambda r: r["seed_steps_per_s"])
+    hour = best["seed_steps_per_s"] * 3600
+    ref_steps = 150_000  # 10,000 epochs x 15 steps of 256 (30 % of 113^2 pairs)
+    res = json.loads(args.result.read_text()) if args.result.is_file() else {}
+    res["throughput"] = {
+        "device": args.device, "threads": args.threads, "size": "p 113, 30/70, d_model 128, 4 heads, MLP 512, "
+        "batch 256, AdamW, statistics every 150 steps", "runs": runs,
+        "seed_steps_per_hour": hour, "reference_steps_per_seed": ref_steps,
+        "one_hour": {"seeds_at_reference_length": hour / ref_steps,
+                     "steps_per_seed_with_40_seeds": hour / 40, "epochs_per_seed_with_40_seeds": hour / 40 / 15},
+        "protocol": "nice -n 10, torch.set_num_threads(1), warm-up step excluded; the 2-core machine was shared with "
+                    "other jobs (load average ~10), so these are lower bounds",
+    }
+    args.result.write_text(json.dumps(res, indent=2))
+    print(json.dumps(res["throughput"], indent=2))
 
 
 if __name__ == "__main__":
