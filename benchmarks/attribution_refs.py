@@ -12,9 +12,10 @@ scores; the model trainings are shared and not charged), alternating ours/refere
     .venv-attr-refs/bin/python benchmarks/attribution_refs.py --run outputs/attr_full/digits [--models logistic mlp]
 
 Rows (per model):
-* TRAK, ``c`` members at projection ``k``: ours (``TrakInfluence``, loss gradients, lambda = factor x E||Pg||^2)
-  vs traker's ``TRAKer`` with its CPU defaults (Gaussian projection, margin output function, Q re-weighting,
-  float32, ``lambda_reg=0``), same members.
+* TRAK, ``c`` members at projection ``k``: ours (``TrakInfluence``, lambda = factor x E||Pg||^2) with loss gradients
+  (``trak-*``) and in TRAK's own form (``trak-margin-*``: margin gradients, columns x mean Q = 1 - p_y) vs traker's
+  ``TRAKer`` with its CPU defaults (Gaussian projection, margin output, Q re-weighting, float32, ``lambda_reg=0``),
+  same members.
 * EK-FAC: ours (``EkfacInfluence(update_diagonal=True)``, exact Gauss-Newton expectation) vs kronfluence
   (``strategy="ekfac"``, its default sampled-label Fisher) under the same absolute damping (the job's
   0.1 x mean Gauss-Newton eigenvalue); both with the empirical Fisher (a deterministic like-for-like check of the
@@ -123,14 +124,17 @@ def alternate(ours, ref, reps: int):
 
 
 # ---- TRAK ---------------------------------------------------------------------------------------------------------
-def ours_trak(p, members, k: int, lam: float):
-    from datamatters.influence import TrakInfluence
+def ours_trak(p, members, k: int, lam: float, output: str):
+    """The job's TRAK rows for 1..C members (running ensemble means; ``margin``: times the running mean of Q)."""
+    from datamatters.tasks.attribution_methods import out_to_loss, trak_scores
 
-    mats = []
-    for c, m in enumerate(members):
-        inf = TrakInfluence(copy.deepcopy(m), F.cross_entropy, projection_dim=k, regularization=lam, seed=c).fit(p.data)
-        mats.append(inf.influences(p.Xte.to(p.dtype), p.yte, p.Xtr.to(p.dtype), p.ytr).cpu().numpy())
-    return np.cumsum(mats, axis=0) / np.arange(1, len(mats) + 1)[:, None, None]  # running ensemble means
+    mats = [trak_scores(p, copy.deepcopy(m), k, lam, c, output) for c, m in enumerate(members)]
+    counts = np.arange(1, len(mats) + 1)[:, None, None]
+    means = np.cumsum(mats, axis=0) / counts
+    if output == "margin":
+        q = np.cumsum([out_to_loss(m, p.Xtr, p.ytr) for m in members], axis=0)[:, None, :] / counts
+        means = means * q
+    return means
 
 
 def traker_trak(p, members, k: int, counts: list[int]):
@@ -161,21 +165,22 @@ def traker_trak(p, members, k: int, counts: list[int]):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int]) -> list[dict]:
+def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outputs: list[str]) -> list[dict]:
     from datamatters.tasks import attribution_methods as am
 
     C = max(counts)
     params = p.train(np.ones((C, len(p.ytr)), bool), int(s.trak.seed), range(C))
     members = [p.network(params, c) for c in range(C)]
-    g2 = am.mean_sq_grad_norm(p.full, p.Xtr.to(p.dtype), p.ytr)
     rows = []
-    for k in dims:
+    for output, k in [(o, k) for o in outputs for k in dims]:
+        g2 = am.mean_sq_grad_norm(p.full, p.Xtr.to(p.dtype), p.ytr, am.OUTPUTS[output])
         lam = float(s.damping_factor) * g2 / k
-        mo, mr, so, sr = alternate(lambda: ours_trak(p, members, k, lam), lambda: traker_trak(p, members, k, counts),
-                                   reps)
+        mo, mr, so, sr = alternate(lambda: ours_trak(p, members, k, lam, output),
+                                   lambda: traker_trak(p, members, k, counts), reps)
+        tag = "trak" if output == "loss" else f"trak-{output}"
         for cnt in counts:
             o, r = lds(p, mo[cnt - 1]), lds(p, mr[cnt])
-            rows.append({"method": f"trak-{cnt} (k={k})", "ours": {**o, "damping": lam},
+            rows.append({"method": f"{tag}-{cnt} (k={k})", "ours": {**o, "damping": lam, "output": output},
                          "traker": {**r, "lambda_reg": 0.0, "projection": "normal (its CPU default)",
                                     "output": "margin, Q re-weighting"},
                          "lds_gap": round(o["lds"] - r["lds"], 4),
@@ -184,7 +189,7 @@ def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int]) -> li
         per = {"members": C, "ours_s": so, "traker_s": sr, "speedup_min": round(min(sr) / min(so), 2),
                "goal_2x": min(sr) / min(so) >= 2.0,
                "note": f"seconds for all {C} members (features, kernel, scores of every count); trainings shared"}
-        rows.append({"method": f"trak timing (k={k})", **per})
+        rows.append({"method": f"{tag} timing (k={k})", **per})
     return rows
 
 
@@ -266,12 +271,11 @@ def markdown(res: dict) -> str:
 
     lines = ["| model | method | ours: LDS | reference: LDS | ours s | reference s | goal |", "|---" * 7 + "|"]
     for label, rec in res["models"].items():
-        timing = {r["method"].split("(")[1].rstrip(")"): r for r in rec["rows"]
-                  if r["method"].startswith("trak timing")}
+        timing = {r["method"].replace(" timing", ""): r for r in rec["rows"] if " timing (" in r["method"]}
         for r in rec["rows"]:
             m = r["method"]
-            if m.startswith("trak-"):
-                t = timing[m.split("(")[1].rstrip(")")]
+            if m.startswith("trak") and "ours" in r:
+                t = timing[m.rsplit("-", 1)[0] + " (" + m.split("(")[1]]
                 lines.append(f"| {label} | {m} vs traker | {r['ours']['lds']:.3f} | {r['traker']['lds']:.3f} | "
                              f"{min(t['ours_s']):.3g} (all {t['members']} members) | {min(t['traker_s']):.3g} | "
                              f"LDS not below traker - 0.02: {yn(r['goal_not_below_traker_by_0.02'])}; "
@@ -299,7 +303,9 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=None, help="model labels (default: all of the run's)")
     ap.add_argument("--trak-counts", type=int, nargs="+", default=[1, 10])
     ap.add_argument("--trak-dims", type=int, nargs="+", default=[512])
+    ap.add_argument("--trak-outputs", nargs="+", default=["loss", "margin"], choices=["loss", "margin"])
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--trak-reps", type=int, default=None, help="repetitions of the TRAK timings (default --reps)")
     ap.add_argument("--parts", nargs="+", default=["trak", "ekfac"], choices=["trak", "ekfac"])
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--note", default="")
@@ -316,7 +322,7 @@ def main() -> None:
     labels = a.models or [m["label"] for m in OmegaConf.load(a.run / "config.yaml").attribution.models]
     prev = json.loads(a.out.read_text()) if a.out.is_file() else {}
     res = {"benchmark": "attribution job's TRAK and EK-FAC vs traker and kronfluence, same models/data/LDS masks",
-           "protocol": {"run": str(a.run), "reps": a.reps, "trak_counts": a.trak_counts, "trak_dims": a.trak_dims,
+           "protocol": {"run": str(a.run), "reps": a.reps, "trak_reps": a.trak_reps or a.reps, "trak_counts": a.trak_counts, "trak_dims": a.trak_dims,
                         "threads": 1, "timing": "min over reps, ours/reference alternating; attribution work only "
                         "(model trainings shared)", "note": a.note},
            "versions": {k: version(k) for k in ("traker", "kronfluence", "torch")},
@@ -327,7 +333,7 @@ def main() -> None:
         p, s, spectrum, job_rows, info = load_problem(a.run, label)
         rec = {"problem": info, "spectrum": spectrum, "rows": []}
         if "trak" in a.parts:
-            rec["rows"] += trak_side_by_side(p, s, a.reps, a.trak_counts, a.trak_dims)
+            rec["rows"] += trak_side_by_side(p, s, a.trak_reps or a.reps, a.trak_counts, a.trak_dims, a.trak_outputs)
             # the same models as the job: our TRAK here must reproduce the job's rows
             for r in rec["rows"]:
                 if r["method"] in job_rows and "ours" in r:
