@@ -94,6 +94,11 @@ def test_attention_needs_heads_and_steps_need_a_source(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no checkpoints"):
         checkpoints_table(tmp_path / "empty")
+    torch.save({"w": torch.eye(3)}, tmp_path / "step5.pt")
+    torch.save({"w": torch.eye(3)}, tmp_path / "step=5.pt")
+    (tmp_path / "final.pt").unlink()
+    with pytest.raises(UserError, match=r"step\(s\) \[5\]"):
+        checkpoints_table(tmp_path)
     assert [parse_step(n) for n in ("step1000", "epoch=0-step=12.ckpt", "checkpoint-300", "model")] == \
         [1000, 12, 300, None]
 
@@ -164,8 +169,8 @@ def test_gpt_neox_fused_qkv_split_head_by_head(tmp_path):
 def test_extra_evaluations_become_columns_usable_as_the_convergence_metric(trained, tmp_path):
     tmp, _ = trained
     ood = lambda sd, info: float(sd["model.blocks.0.mlp.W_in"].abs().mean())  # noqa: E731
-    df = checkpoints_table(tmp / "ckpts", num_heads=2, evaluations={"ood_loss": ood,
-                                                                    "pair": lambda sd, info: {"twice": 2 * info["step"]}})
+    pair = lambda sd, info: {"twice": 2 * info["step"]}  # noqa: E731
+    df = checkpoints_table(tmp / "ckpts", num_heads=2, evaluations={"ood_loss": ood, "pair": pair})
     assert df["twice"].tolist() == [4, 8, 12] and df["ood_loss"].notna().all()
     with pytest.raises(UserError, match="'bad' is nan"):
         checkpoints_table(tmp / "ckpts", num_heads=2, evaluations={"bad": lambda sd, info: math.nan})

@@ -222,7 +222,8 @@ def checkpoints_table(directory: str | Path, steps: Sequence[int] | None = None,
         rows.append(row)
     df = pd.DataFrame(rows).sort_values("step", kind="stable").reset_index(drop=True)
     if df["step"].duplicated().any():
-        raise UserError(f"dynamics_stats: two checkpoints have the same step {sorted(df['step'][df['step'].duplicated()])}")
+        dup = sorted(df["step"][df["step"].duplicated()])
+        raise UserError(f"dynamics_stats: several checkpoints have the step(s) {dup}; give task.steps")
     return df
 
 
