@@ -19,7 +19,7 @@ run: install
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) run.py $(ARGS)
 
 test: install
-	WANDB_MODE=offline $(PY) -m pytest -q $(PYTEST_ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-all: install
 	WANDB_MODE=offline $(PY) -m pytest -q -m "" $(PYTEST_ARGS)

@@ -27,7 +27,8 @@ def test_multirun_of_four_training_jobs_completes(slurm_cluster, tmp_path):
     for i in range(4):
         s = _summary(sweep_dir / str(i))  # the run dir is ${hydra.sweep.dir}/${hydra.job.num}
         assert s["run_dir"] == str(sweep_dir / str(i))
-        assert s["trainer/steps"] == 4 and 0.0 <= s["test/acc"] <= 1.0  # 2 epochs x ceil(629 / 320)
+        assert s["trainer/steps"] == 4  # 2 epochs x ceil(629 / 320)
+        assert s["test/acc"] > 0.3  # chance is 0.1; 4 steps of the digits MLP get past it on every seed
     hashes = {_summary(sweep_dir / str(i))["config_hash"] for i in range(4)}
     assert len(hashes) == 4  # four different seeds
     tasks = sorted(p.name for p in (sweep_dir / ".submitit").glob("*_*") if p.is_dir())

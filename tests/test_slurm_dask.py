@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import distributed
 import numpy as np
 import pytest
 
@@ -27,7 +28,6 @@ def _dask_cluster_script():
 
 
 def test_valuation_job_runs_on_a_dask_localcluster(tmp_path):
-    distributed = pytest.importorskip("distributed")
     serial = run_job(tmp_path / "serial", SMALL)
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as c:
         before = c.scheduler.transition_counter

@@ -3,16 +3,20 @@
 LDS (linear datamodeling score, Park et al. 2023): for held-out subset models, the Spearman correlation, per
 target, between the predicted output (e.g. ``mask @ W + b`` or the sum of attribution scores over the subset) and
 the actual output, averaged over targets.
+
+One NaN convention: an undefined correlation (a constant column) is NaN and the aggregates (mean, bootstrap CI) skip
+it; a point without a value (NaN) ranks lowest, as in the removal curves (``evaluation/removal.py``).
+scipy and scikit-learn are imported where used: every job imports this module, few need them.
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
-from sklearn.metrics import f1_score, roc_auc_score
 
 
 def _rank(a: np.ndarray) -> np.ndarray:
     """Average ranks along axis 0 (ties share their mean rank), as Spearman requires."""
+    from scipy import stats
+
     return stats.rankdata(a, axis=0, method="average")
 
 
@@ -50,7 +54,9 @@ def lds(pred: np.ndarray, actual: np.ndarray, n_boot: int = 1000, seed: int = 0)
     """
     per_target = spearman_per_column(pred, actual)
     lo, hi = bootstrap_ci(per_target, n_boot=n_boot, seed=seed)
-    return {"mean": float(np.nanmean(per_target)), "ci_low": lo, "ci_high": hi, "per_target": per_target}
+    defined = per_target[np.isfinite(per_target)]
+    mean = float(defined.mean()) if len(defined) else float("nan")
+    return {"mean": mean, "ci_low": lo, "ci_high": hi, "per_target": per_target}
 
 
 def lds_from_scores(scores: np.ndarray, masks: np.ndarray, actual: np.ndarray, **kw) -> dict:
@@ -65,12 +71,15 @@ def noisy_label_detection(values: np.ndarray, is_corrupted: np.ndarray, low_is_n
 
     This is OpenDataVal's noisy-label task; self-influence and RHO-LOSS scores use ``low_is_noisy=False``.
     """
+    from sklearn.metrics import f1_score, roc_auc_score
+
     values = np.asarray(values, float)
     y = np.asarray(is_corrupted, bool)
     if y.all() or not y.any():
         raise ValueError("noisy-label detection needs both corrupted and clean points")
+    known = values[~np.isnan(values)]
+    values = np.where(np.isnan(values), known.min() - 1.0 if len(known) else 0.0, values)  # missing ranks lowest
     score = -values if low_is_noisy else values
-    score = np.nan_to_num(score, nan=np.nanmin(score) if np.isfinite(score).any() else 0.0)
     auc = roc_auc_score(y, score)
     k = int(y.sum())
     flagged = np.zeros_like(y)

@@ -1,17 +1,24 @@
-"""Plots shared by the jobs (matplotlib, Agg backend, PNG in the run dir)."""
+"""Plots shared by the jobs (matplotlib, Agg backend, PNG in the run dir). matplotlib and pandas are imported when a
+plot is drawn, not when a job module is imported (seconds per job)."""
 from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
-def read_metrics(csv_path: Path) -> pd.DataFrame | None:
-    """Lightning CSV metrics of a run; a resumed run's later parts (csv/resume_k/metrics.csv) are appended."""
+def read_metrics(csv_path: Path):
+    """Lightning CSV metrics of a run (a DataFrame, or None); a resumed run's later parts (csv/resume_k/metrics.csv)
+    are appended."""
+    import pandas as pd
+
     csv_path = Path(csv_path)
     parts = [csv_path] if csv_path.is_file() else []
     parts += sorted(csv_path.parent.glob("resume_*/metrics.csv"))
@@ -22,6 +29,7 @@ def read_metrics(csv_path: Path) -> pd.DataFrame | None:
 
 def plot_learning_curves(runs: dict[str, Path], out: Path, metric: str = "val/acc") -> Path | None:
     """Accuracy vs gradient steps, one line per run (e.g. per selection method), from Lightning CSV metrics."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     drawn = 0
     for label, path in runs.items():
