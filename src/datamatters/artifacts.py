@@ -89,16 +89,6 @@ def load_indexed(
     return values, stored_idx, meta
 
 
-def reorder(values: np.ndarray, stored_idx: np.ndarray, wanted_idx: np.ndarray) -> np.ndarray:
-    """Return ``values`` reordered to follow ``wanted_idx`` (all of which must be present)."""
-    pos = {int(g): i for i, g in enumerate(stored_idx)}
-    try:
-        order = np.fromiter((pos[int(g)] for g in wanted_idx), dtype=np.int64, count=len(wanted_idx))
-    except KeyError as exc:
-        raise UserError(f"global index {exc} is missing from the stored artifact") from exc
-    return values[order]
-
-
 def write_json(path: str | Path, obj: Mapping[str, Any]) -> Path:
     path = Path(path)
     text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default)
