@@ -427,10 +427,22 @@ def render_dynamics() -> str:
     return table(["what", "measured", "reference / goal"], rows) + "\n\n_From `benchmarks/results/dynamics_*.json`._"
 
 
+def _rho_table_module():
+    """benchmarks/rho_speedup_table.py (stdlib only): the selection benchmark's own block and goals."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rho_speedup_table", ROOT / "benchmarks" / "rho_speedup_table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def render_rho_speedup() -> str:
     d = load("rho_speedup.json")
     if d is None:
         return missing("rho_speedup.json")
+    if "summary" in d:  # the layout of rho_speedup.py's merged runs: its own renderer knows it
+        return _rho_table_module().markdown(d)
     rows = [[str(r.get("noise", NA)), str(r.get("method", NA)), f"{r.get('reached', NA)}/{r.get('seeds', NA)}",
              sig(r.get("steps_to_target_mean")), ratio(r.get("step_speedup_mean")), ratio(r.get("time_speedup_mean")),
              sig(r.get("final_acc_mean"), 3)] for r in d.get("table", [])]
@@ -552,6 +564,16 @@ def _status_influence():
     return "; ".join(parts)
 
 
+def _status_rho_speedup():
+    d = load("rho_speedup.json")
+    if not d:
+        return None
+    goals = d.get("goals")
+    if not isinstance(goals, dict) or not goals:
+        return "measured (see table)"
+    return "; ".join(f"{name}: {'met' if g.get('met') else '**missed**'}" for name, g in goals.items())
+
+
 def _status_rho_throughput():
     d = load("gpu/rho_throughput.json")
     if not d:
@@ -601,7 +623,7 @@ INDEX = [
          for k, v in load("dynamics_overhead.json").get("settings", {}).items())),
     ("rho_speedup", "rho_speedup.json", "RHO-LOSS steps / time to uniform's accuracy on MNIST-1D",
      "python benchmarks/rho_speedup.py --cells all --seeds 5", "RHO-LOSS reaches the target in fewer steps",
-     lambda: load("rho_speedup.json") and "measured (see table)"),
+     _status_rho_speedup),
     ("rho_throughput", "rho_throughput_tiny_cpu.json, gpu/rho_throughput.json", "RHO-LOSS step vs uniform step "
      "(ResNet-18, n_B 320)", "python benchmarks/rho_throughput.py --device cuda", "RHO step <= 1.5x uniform on one GPU",
      _status_rho_throughput),

@@ -105,3 +105,17 @@ def test_protocol_gaps(report, results):
     (results / "bare.json").write_text(json.dumps({"machine": {"cpus": 2}, "threads": 1, "reps": 3,
                                                    "sides": {"a": {"min_s": 1, "median_s": 2}}, "speedup": 2.0}))
     assert report.protocol_gaps("bare.json", comparative=True) == "none"
+
+
+def test_rho_speedup_summary_layout_uses_its_own_renderer(report, results):
+    """rho_speedup.py's merged layout ("summary") is rendered by benchmarks/rho_speedup_table.py, goals in the index."""
+    row = {"baseline": "uniform", "label": "reducible_loss", "reached": 5, "seeds": 5, "final_acc": 0.61,
+           "corrupted_frac": 0.01, "overhead": 0.3}
+    for k, v in (("sp_steps", 2.5), ("sp_secs", 1.2), ("sp_secs_il", 1.1), ("sp_cpu_il", 1.0)):
+        row.update({k: v, k + "_lo": v - 0.2, k + "_hi": v + 0.2})
+    d = {"summary": {"mnist1d:uniform:0.1": [row]}, "setup": {"n_B": 320}, "reps": 5,
+         "goals": {"rho_steps_speedup_mnist1d_10pct >= 3": {"measured": 2.5, "met": False}}}
+    (results / "rho_speedup.json").write_text(json.dumps(d))
+    md = report.render("rho_speedup")
+    assert md == report._rho_table_module().markdown(d) and "2.50 [2.30, 2.70]" in md
+    assert "rho_steps_speedup_mnist1d_10pct >= 3: **missed**" in report.render_index()
