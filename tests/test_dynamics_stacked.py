@@ -55,3 +55,17 @@ def test_a_seed_does_not_depend_on_its_stack_mates():
         pair.step()
     for name, t in alone.params.items():
         torch.testing.assert_close(t[0], pair.params[name][1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_stacked_job_trains_all_seeds_then_analyses(tmp_path):
+    from conftest import run_job
+
+    out = run_job(tmp_path, ["+experiment=modular_addition_stacked", "task.seeds=[0,1,2]", "task.p=11",
+                             "task.d_model=8", "task.d_mlp=16", "task.num_heads=2", "task.batch_size=16",
+                             "task.steps=12", "task.record_every=3", "dynamics.k_max=2", "dynamics.restarts=1",
+                             "dynamics.covariance_type=diag", "dynamics.n_jobs=1", "dynamics.test_fraction=0.34",
+                             "logger.wandb.enabled=false"])
+    tables = sorted((tmp_path / "run").rglob("runs/seed*/weight_stats.parquet"))
+    assert len(tables) == 3 and pd.read_parquet(tables[0])["step"].tolist() == [1, 3, 6, 9, 12]
+    assert out["hmm/n_runs"] == 3 and 1 <= out["hmm/k_bic"] <= 2 and out["train/seed_steps_per_s"] > 0
