@@ -289,11 +289,13 @@ def markdown(res: dict) -> str:
             elif m.startswith("ekfac (kronfluence"):
                 lines.append(f"| {label} | kronfluence EK-FAC, its own damping | - | {r['kronfluence']['lds']:.3f} | "
                              f"- | {min(r['kronfluence']['s']):.3g} | (the number a kronfluence user gets) |")
-    p = res["protocol"]
+    runs = [r["protocol"] for r in res.get("runs", [])] or [res["protocol"]]
+    reps = "/".join(str(r.get("trak_reps", r["reps"])) + "+" + str(r["reps"]) for r in runs)
     return "\n".join(lines) + (f"\n\n_From `benchmarks/results/attribution_refs.json` (traker "
                                f"{res['versions']['traker']}, kronfluence {res['versions']['kronfluence']}, torch "
-                               f"{res['versions']['torch']}; {p['threads']} thread, min of {p['reps']} alternating "
-                               f"repetitions, attribution work only; a shared 2-core machine)._")
+                               f"{res['versions']['torch']}; 1 thread; seconds: min over TRAK+EK-FAC repetitions "
+                               f"{reps} (per run, ours/reference alternating), attribution work only; a shared "
+                               f"2-core machine under load)._")
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -322,7 +324,8 @@ def main() -> None:
     labels = a.models or [m["label"] for m in OmegaConf.load(a.run / "config.yaml").attribution.models]
     prev = json.loads(a.out.read_text()) if a.out.is_file() else {}
     res = {"benchmark": "attribution job's TRAK and EK-FAC vs traker and kronfluence, same models/data/LDS masks",
-           "protocol": {"run": str(a.run), "reps": a.reps, "trak_reps": a.trak_reps or a.reps, "trak_counts": a.trak_counts, "trak_dims": a.trak_dims,
+           "protocol": {"run": str(a.run), "reps": a.reps, "trak_reps": a.trak_reps or a.reps,
+                        "trak_counts": a.trak_counts, "trak_dims": a.trak_dims,
                         "threads": 1, "timing": "min over reps, ours/reference alternating; attribution work only "
                         "(model trainings shared)", "note": a.note},
            "versions": {k: version(k) for k in ("traker", "kronfluence", "torch")},
