@@ -99,6 +99,13 @@ def test_attention_needs_heads_and_steps_need_a_source(trained, tmp_path):
     (tmp_path / "final.pt").unlink()
     with pytest.raises(UserError, match=r"step\(s\) \[5\]"):
         checkpoints_table(tmp_path)
+    import argparse
+
+    torch.save({"state_dict": {"w": torch.eye(3)}, "hyper_parameters": argparse.Namespace(num_heads=2),
+                "global_step": 9}, tmp_path / "empty" / "last.ckpt")
+    with pytest.raises(UserError, match="set task.trusted=true"):
+        checkpoints_table(tmp_path / "empty")
+    assert checkpoints_table(tmp_path / "empty", trusted=True)["step"].tolist() == [9]
     assert [parse_step(n) for n in ("step1000", "epoch=0-step=12.ckpt", "checkpoint-300", "model")] == \
         [1000, 12, 300, None]
 

@@ -59,19 +59,22 @@ def _is_file_ckpt(p: Path) -> bool:
     return p.suffix == ".ckpt" or p.suffix in STATE_DICT_SUFFIXES
 
 
-def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(state dict, info)``; info has ``step``/``epoch`` (Lightning) and ``num_heads`` (HF config) when known."""
+def load_checkpoint(path: str | Path, trusted: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(state dict, info)``; info has ``step``/``epoch`` (Lightning) and ``num_heads`` (HF config) when known.
+    Pickled Python objects besides tensors (e.g. Lightning hyper-parameters as a Namespace) are only unpickled with
+    ``trusted`` (unpickling runs code)."""
     path = Path(path)
     info: dict = {}
     if path.is_dir():
         cfg = json.loads((path / "config.json").read_text())
         info["num_heads"] = next((int(cfg[k]) for k in HEAD_KEYS if k in cfg), None)
         weights = next(path / f for f in WEIGHT_FILES if (path / f).is_file())
-        return _load_file(weights), info
-    obj = _load_file(path)
+        return _load_file(weights, trusted), info
+    obj = _load_file(path, trusted)
     if isinstance(obj, Mapping) and "state_dict" in obj:  # Lightning
         info.update(step=obj.get("global_step"), epoch=obj.get("epoch"))
         hp = obj.get("hyper_parameters") or {}
+        hp = hp if isinstance(hp, Mapping) else vars(hp)  # Lightning may store an argparse.Namespace
         info["num_heads"] = next((int(hp[k]) for k in HEAD_KEYS if isinstance(hp.get(k), int)), None)
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not any(torch.is_tensor(v) for v in obj.values()):
@@ -79,12 +82,18 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return {k: v for k, v in obj.items() if torch.is_tensor(v)}, info
 
 
-def _load_file(path: Path):
+def _load_file(path: Path, trusted: bool = False):
+    import pickle
+
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not trusted)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"dynamics_stats: {path} holds Python objects besides tensors ({str(e).splitlines()[0][:200]})."
+                        " If you trust the file (unpickling runs code), set task.trusted=true") from None
 
 
 def _module_segments(name: str) -> list[str]:
@@ -187,7 +196,7 @@ def evaluate_columns(evaluations: Mapping[str, Evaluation] | Sequence[Evaluation
 def checkpoints_table(directory: str | Path, steps: Sequence[int] | None = None, num_heads: int | None = None,
                       include=None, exclude=DEFAULT_EXCLUDE, per_layer: bool = False,
                       evaluations: Mapping[str, Evaluation] | Sequence[Evaluation] | None = None,
-                      tags: Mapping | None = None):
+                      tags: Mapping | None = None, trusted: bool = False):
     """One row per checkpoint, in the callback's columns (``step``, ``epoch``, the statistics, the four metric columns
     as NaN, evaluation columns, tags, ``checkpoint``), sorted by step."""
     import math
@@ -202,7 +211,7 @@ def checkpoints_table(directory: str | Path, steps: Sequence[int] | None = None,
                         f"({[p.name for p in paths][:10]})")
     rows = []
     for i, path in enumerate(paths):
-        sd, info = load_checkpoint(path)
+        sd, info = load_checkpoint(path, trusted)
         step = steps[i] if steps is not None else info.get("step")
         step = parse_step(path.name) if step is None else step
         if step is None:

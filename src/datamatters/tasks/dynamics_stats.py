@@ -45,7 +45,8 @@ def run(cfg: DictConfig) -> dict:
     with job(cfg, t.get("job_type", "dynamics")) as ctx:
         tags = {"source": str(t["checkpoints"]), **(t.get("tags") or {})}
         df = checkpoints_table(Path(t["checkpoints"]), t.get("steps"), t.get("num_heads"), t.get("include"),
-                               t.get("exclude"), bool(t.get("per_layer")), evaluations(t.get("evaluate")), tags)
+                               t.get("exclude"), bool(t.get("per_layer")), evaluations(t.get("evaluate")), tags,
+                               trusted=bool(t.get("trusted")))
         path = write_table(df, ctx.run_dir / TABLE_NAME, {"tags": tags, "every": None, "unit": "checkpoints"})
         summary = write_summary(ctx, {"dynamics_stats/n_checkpoints": len(df),
                                       "dynamics_stats/first_step": int(df["step"].iloc[0]),
