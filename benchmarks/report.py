@@ -492,8 +492,16 @@ def render_gpu() -> str:
         "\n\n_From `benchmarks/results/gpu/*.json` (written by `benchmarks/gpu/check.sh`)._"
 
 
+def _is_attribution_table(path: Path) -> bool:
+    """An attribution job's results (``models: {label: {rows: [...]}}``), not e.g. attribution_refs.json."""
+    models = json.loads(path.read_text()).get("models")
+    return isinstance(models, dict) and bool(models) and all(
+        isinstance(m, dict) and isinstance(m.get("rows"), list) and all("lds" in r for r in m["rows"])
+        for m in models.values())
+
+
 def render_attribution() -> str:
-    files = sorted(RESULTS.glob("attribution*.json"))
+    files = [f for f in sorted(RESULTS.glob("attribution*.json")) if _is_attribution_table(f)]
     if not files:
         return missing("attribution*.json")
     from datamatters.evaluation.attribution import tables_from_results

@@ -29,7 +29,7 @@ def results(tmp_path, report, monkeypatch):
 def test_readme_blocks_equal_report_output(report):
     """Every marker block in README.md and benchmarks/README.md is exactly what report.py renders now."""
     readme = report.blocks((ROOT / "README.md").read_text())
-    assert {"datamodels", "valuation", "influence", "dynamics"} <= set(readme)
+    assert {"datamodels", "valuation", "influence", "dynamics", "rho_speedup"} <= set(readme)
     bench = report.blocks((ROOT / "benchmarks" / "README.md").read_text())
     assert "index" in bench
     for doc, found in (("README.md", readme), ("benchmarks/README.md", bench)):
@@ -119,3 +119,11 @@ def test_rho_speedup_summary_layout_uses_its_own_renderer(report, results):
     md = report.render("rho_speedup")
     assert md == report._rho_table_module().markdown(d) and "2.50 [2.30, 2.70]" in md
     assert "rho_steps_speedup_mnist1d_10pct >= 3: **missed**" in report.render_index()
+
+
+def test_attribution_renders_only_attribution_job_results(report, results):
+    for f in results.glob("attribution*.json"):
+        f.unlink()
+    assert "No results yet" in report.render("attribution")
+    (results / "attribution_refs.json").write_text(json.dumps({"models": {"logistic": {"rows": [{"method": "x"}]}}}))
+    assert "No results yet" in report.render("attribution")  # another layout (no LDS rows): not an attribution table
