@@ -158,6 +158,13 @@ def test_wandb_table_accepts_mixed_damping_values():
     assert [r[-1] for r in t.data] == ["0.001", "auto", None, "{'fc1': 0.1}"]
 
 
+def test_tables_from_results_refuses_other_files(tmp_path):
+    bad = tmp_path / "refs.json"
+    bad.write_text(json.dumps({"models": {"logistic": {"rows": [{"method": "trak timing (k=64)"}]}}}))
+    with pytest.raises(UserError, match="not an attribution job's results file"):
+        tables_from_results(bad)
+
+
 def test_markdown_table_groups_global_values_last():
     rows = [{"method": "v", "group": "global", "lds": 0.5, "ci_low": 0.4, "ci_high": 0.6},
             {"method": "a", "lds": 0.1, "ci_low": 0.0, "ci_high": 0.2},

@@ -159,8 +159,10 @@ def tables_from_results(path: str | Path, plot: str | Path | None = None) -> str
 
     rec = json.loads(Path(path).read_text())
     models = rec.get("models")
-    if not isinstance(models, dict) or not models:
-        raise UserError(f"{path} is not an attribution results file (no 'models' record)")
+    if not isinstance(models, dict) or not models or not all(
+            isinstance(m, dict) and all("lds" in r for r in m.get("rows", [None])) for m in models.values()):
+        raise UserError(f"{path} is not an attribution job's results file (no 'models' with LDS rows; "
+                        "attribution_refs.json has its own table: benchmarks/attribution_refs.py --markdown)")
     md = [markdown_table(m["rows"], title=f"{rec.get('protocol', {}).get('dataset', '')} {label} "
                                           f"({m.get('n_parameters')} parameters, test acc {m.get('test_acc', 0):.3f})")
           for label, m in models.items()]
