@@ -13,7 +13,7 @@ Solvers:
 * ``gram`` (when n_train fits): one streaming pass over the store builds the sufficient statistics
   (X^T X, X^T y, sums); then block coordinate descent on the Gram matrix, every target at its own lambda,
   convergence by sklearn's duality gap (gap < tol * ||y - ybar||^2 / n), so results are comparable to sklearn's
-  ``lasso_path`` at the same tolerance.
+  ``lasso_path`` at the same tolerance; per-target sequential strong-rule screening with a KKT check (exact).
 * ``saga`` (when it does not): minibatch SAGA streaming rows from the store each epoch (the reference's
   algorithm), with the exact residual table initialised by one pass (the reference started from zeros) and the
   bias fixed to ybar (exact, since X is centred); convergence by glmnet's criterion max_j dw_j^2 < tol * var(y).
