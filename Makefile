@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest-xdist workers: the suite's jobs are mostly single-threaded processes, so one worker per core (CI has 2).
+TEST_WORKERS ?= 2
 
 .PHONY: install run test test-all bench-env bench-env-attribution clean
 
@@ -19,10 +21,10 @@ run: install
 	WANDB_MODE=$${WANDB_MODE:-offline} $(PY) run.py $(ARGS)
 
 test: install
-	WANDB_MODE=offline $(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=15 $(PYTEST_ARGS)
 
 test-all: install
-	WANDB_MODE=offline $(PY) -m pytest -q -m "" $(PYTEST_ARGS)
+	WANDB_MODE=offline $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup -m "" $(PYTEST_ARGS)
 
 # The reference libraries for side-by-side benchmarks (pyDVL 0.10 pins numpy 1.x, so it gets its own venv).
 bench-env:
