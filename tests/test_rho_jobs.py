@@ -6,16 +6,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli, run_job
+from conftest import compose_cfg, run_cli, run_job
+from datamatters.errors import UserError
 
 
-def test_fast_dev_run_train_and_irreducible(tmp_path):
-    res = run_cli(["trainer.fast_dev_run=true", "irreducible.max_epochs=1"], tmp_path)
+def test_fast_dev_run_irreducible_then_train_from_the_command_line(tmp_path):
+    """Both entry points as a user runs them (the only two successful spawned jobs here): the IL job writes the file
+    the main job reads. The main job's console shows each message once and no ads (Lightning's own handler and Hydra's
+    root handler both printed every line; Lightning advertised litlogger; W&B warned about the `anonymous` setting);
+    progress bars, the summary table and run.log stay."""
+    il = tmp_path / "il.npz"
+    res = run_cli(["trainer.fast_dev_run=true", f"irreducible.output={il}"], tmp_path, script="run_irreducible.py")
     assert res.returncode == 0, res.stderr[-3000:]
-    res = run_cli(["trainer.fast_dev_run=true", f"irreducible.output={tmp_path}/il.npz"], tmp_path,
-                  script="run_irreducible.py")
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert (tmp_path / "il.npz").is_file()
+    assert il.is_file()
+    run_dir = tmp_path / "run"
+    res = run_cli(["trainer.fast_dev_run=true", f"irreducible.path={il}", "logger.wandb.enabled=true",
+                   "trainer.enable_progress_bar=true", f"hydra.run.dir={run_dir}"], tmp_path)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    assert out.count("`Trainer.fit` stopped") == 1, out
+    assert out.count("GPU available:") == 1, out
+    for noise in ("litlogger", "anonymous setting", "The `srun` command", "LeafSpec"):
+        assert noise not in out, noise
+    assert "Epoch 0/" in out and "test/acc" in out  # the progress bar and the summary table
+    assert (run_dir / "run.log").read_text().count("`Trainer.fit` stopped") == 1
 
 
 def test_irreducible_then_main_uses_the_file(tmp_path, tiny):
@@ -31,7 +45,7 @@ def test_irreducible_then_main_uses_the_file(tmp_path, tiny):
 
 def test_rho_selects_far_fewer_corrupted_points_than_uniform(tmp_path):
     """Digits with 20% uniform noise: RHO-LOSS's selected corrupted fraction is well below uniform's."""
-    common = ["data.label_noise.pc_corrupted=0.2", "trainer.max_epochs=25", "irreducible.max_epochs=30",
+    common = ["data.label_noise.pc_corrupted=0.2", "trainer.max_epochs=12", "irreducible.max_epochs=12",
               "trainer.enable_progress_bar=false", "logger.wandb.enabled=false"]
     rho = run_job(tmp_path / "rho", common)
     uni = run_job(tmp_path / "uni", [*common, "selection=uniform"])
@@ -70,18 +84,38 @@ def test_rerun_into_same_dir_resumes(tmp_path, tiny):
     assert sel.shape[0] == 10  # selections made before the restart were restored from the checkpoint
 
 
+def run_task(tmp_path: Path, overrides: list[str], config_name: str = "train") -> dict:
+    """Compose and call the task function itself (no dispatch, no new process): a UserError propagates."""
+    import importlib
+
+    cfg = compose_cfg([f"paths.log_dir={tmp_path}", f"paths.output_dir={tmp_path}/run", *overrides], config_name)
+    return importlib.import_module(f"datamatters.tasks.{cfg.task.name}").run(cfg)
+
+
 @pytest.mark.parametrize("args, message", [
     (["data=cifar10", "paths.data_dir=/nonexistent/dm-data"], "/nonexistent/dm-data"),
-    (["irreducible.path=/nonexistent/il.npz"], "irreducible-loss file not found"),
     (["selection.method=foo"], "unknown selection method 'foo'"),
-    (["selection=foo"], "Could not find 'selection/foo'"),
-    (["selection.percent_train=0"], "percent_train must be in (0, 1]"),
-    (["selection.percent_train=1.5"], "percent_train must be in (0, 1]"),
+    (["selection.percent_train=0"], r"percent_train must be in \(0, 1\]"),
+    (["selection.percent_train=1.5"], r"percent_train must be in \(0, 1\]"),
 ])
 def test_bad_input_gives_one_clear_message(tmp_path, args, message):
-    res = run_cli([*args, "trainer.fast_dev_run=true"], tmp_path)
-    assert res.returncode != 0
-    assert message in res.stderr, res.stderr[-2000:]
+    with pytest.raises(UserError, match=message):
+        run_task(tmp_path, [*args, "trainer.fast_dev_run=true"])
+
+
+def test_unknown_config_group_option_is_named():
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="Could not find 'selection/foo'"):
+        compose_cfg(["selection=foo"])
+
+
+def test_bad_input_from_the_command_line_exits_non_zero_with_one_line(tmp_path):
+    """The one spawned bad-input case: a UserError becomes exit 1 and a single `error:` line, no traceback."""
+    res = run_cli(["irreducible.path=/nonexistent/il.npz", "trainer.fast_dev_run=true"], tmp_path)
+    assert res.returncode == 1, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "irreducible-loss file not found" in lines[0], res.stderr[-2000:]
     assert "Traceback" not in res.stderr
 
 
@@ -89,9 +123,9 @@ def test_il_file_from_another_config_is_refused(tmp_path, tiny):
     il = tmp_path / "il.npz"
     run_job(tmp_path, [*tiny, f"irreducible.output={il}"], config_name="irreducible")
     before = il.read_bytes()
-    res = run_cli([f"irreducible.path={il}", "data.seed=1", "trainer.fast_dev_run=true"], tmp_path)
-    assert res.returncode != 0 and "irreducible-loss file" in res.stderr and "recompute" in res.stderr.lower()
-    assert "Traceback" not in res.stderr
+    with pytest.raises(UserError, match="irreducible-loss file") as err:
+        run_task(tmp_path, [f"irreducible.path={il}", "data.seed=1", "trainer.fast_dev_run=true"])
+    assert "recompute" in str(err.value).lower()
     assert il.read_bytes() == before  # nothing already stored is touched
 
 
