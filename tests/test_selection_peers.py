@@ -208,6 +208,23 @@ def test_infobatch_job_on_digits_prunes_then_trains_on_everything(tmp_path):
     assert all(r["train_s"] > 0 for r in c) and Path(s["run_dir"], "selected_indices.npy").is_file()
 
 
+def test_infobatch_overhead_is_its_bookkeeping_not_logging(tmp_path, monkeypatch):
+    """InfoBatch has no scoring pass: its overhead is the score update and the epoch plan (microseconds per step).
+    Logging made slow (2 ms a call) must land in the step time, as in SelectiveModule; timed as overhead it gave
+    InfoBatch a selection overhead of ~1.0 in the speed-up benchmark."""
+    import time
+
+    from datamatters.selection.infobatch import InfoBatchModule
+
+    log = InfoBatchModule.log
+    monkeypatch.setattr(InfoBatchModule, "log", lambda self, *a, **k: (time.sleep(0.002), log(self, *a, **k))[1])
+    s = run_job(tmp_path, [*_tiny("infobatch"), "trainer.max_epochs=2", "data.batch_size=64", "eval.test_every_epoch=false"])
+    steps = s["trainer/steps"]
+    assert steps >= 20
+    assert s["time/score_s"] < 0.5e-3 * steps, s["time/score_s"]  # 3 slow log calls a step would add 6 ms
+    assert s["selection/overhead"] < 0.2
+
+
 def test_selective_backprop_job_on_digits_primes_then_backprops_a_fraction(tmp_path):
     s = run_job(tmp_path, _tiny("selective_backprop"))
     c = _curve(s)
