@@ -119,3 +119,36 @@ def test_dask_refuses_threaded_workers_and_bad_input(setup):
         DaskInfluenceCalculator(setup["inf"], object())
     with pytest.raises(UserError, match="not fitted"):
         SequentialInfluenceCalculator(DirectInfluence(nn.Linear(2, 2), F.mse_loss))
+
+
+class _SlowMLP(nn.Module):
+    """Sleeps mid-forward (releasing the GIL), so tasks on two worker threads interleave inside functional_call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):
+        import time
+
+        h = torch.tanh(self.a(x))
+        time.sleep(0.002)
+        return self.b(h)
+
+
+def test_in_process_dask_workers_do_not_race_on_the_shared_model(setup):
+    """In-process workers (processes=False) all hold the caller's model object, and functional_call swaps its
+    parameters while it runs: without the calculator's per-model lock, concurrent tasks read each other's
+    parameters (wrong numbers or errors, more often under load)."""
+    from distributed import Client, LocalCluster
+
+    torch.manual_seed(1)  # float64: chunking then changes only the last bits, so the tolerance can be tight
+    inf = DirectInfluence(_SlowMLP().double(), F.cross_entropy, regularization=0.1).fit(setup["train"])
+    X, Y = setup["X"].double().numpy(), setup["Y"].numpy()
+    want = inf.influences(torch.from_numpy(X[:15]), setup["Y"][:15], torch.from_numpy(X), setup["Y"]).numpy()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        got = DaskInfluenceCalculator(inf, client).influences(
+            da.from_array(X[:15], chunks=3), da.from_array(Y[:15], chunks=3), da.from_array(X, chunks=6),
+            da.from_array(Y, chunks=6)).compute()
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)

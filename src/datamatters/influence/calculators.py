@@ -14,6 +14,9 @@ chunk, train chunk) pair, which recomputes the inverse-curvature solve for each 
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
@@ -164,13 +167,30 @@ def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
 
+_LOCKS: "weakref.WeakKeyDictionary[InfluenceModel, threading.Lock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _exclusive(model: InfluenceModel):
+    """One task at a time per model object in this process. In-process dask workers (``processes=False``) share
+    the caller's model object, and ``functional_call`` swaps its parameters while it runs: concurrent tasks would
+    read each other's parameters (wrong numbers, more often under load). Uncontended in process workers."""
+    if model.is_thread_safe:
+        return nullcontext()
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.Lock())
+
+
 def _factors_task(model: InfluenceModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return _np(model.influence_factors(torch.from_numpy(np.ascontiguousarray(x)),
-                                       torch.from_numpy(np.ascontiguousarray(y))))
+    with _exclusive(model):
+        return _np(model.influence_factors(torch.from_numpy(np.ascontiguousarray(x)),
+                                           torch.from_numpy(np.ascontiguousarray(y))))
 
 
 def _features_task(model: InfluenceModel, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return _np(model.feature_rows(torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))))
+    with _exclusive(model):
+        return _np(model.feature_rows(torch.from_numpy(np.ascontiguousarray(x)),
+                                      torch.from_numpy(np.ascontiguousarray(y))))
 
 
 def _product_task(F: np.ndarray, feats: np.ndarray) -> np.ndarray:
@@ -178,8 +198,9 @@ def _product_task(F: np.ndarray, feats: np.ndarray) -> np.ndarray:
 
 
 def _perturbation_task(model: InfluenceModel, F: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return _np(model.influences_from_factors(torch.from_numpy(F), torch.from_numpy(np.ascontiguousarray(x)),
-                                             torch.from_numpy(np.ascontiguousarray(y)), "perturbation"))
+    with _exclusive(model):
+        return _np(model.influences_from_factors(torch.from_numpy(F), torch.from_numpy(np.ascontiguousarray(x)),
+                                                 torch.from_numpy(np.ascontiguousarray(y)), "perturbation"))
 
 
 SYNCHRONOUS = "synchronous"
