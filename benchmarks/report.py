@@ -509,6 +509,19 @@ def render_attribution() -> str:
     return "\n\n".join(tables_from_results(f) + f"\n\n_From `benchmarks/results/{f.name}`._" for f in files)
 
 
+def render_attribution_refs() -> str:
+    """benchmarks/attribution_refs.py's own table (its ``markdown``) from attribution_refs.json."""
+    d = load("attribution_refs.json")
+    if d is None:
+        return missing("attribution_refs.json")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("attribution_refs", ROOT / "benchmarks" / "attribution_refs.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.markdown(d)
+
+
 SECTIONS: dict[str, Callable[[], str]] = {
     "datamodels": render_datamodels,
     "valuation": render_valuation,
@@ -519,6 +532,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "rho_speedup": render_rho_speedup,
     "rho_throughput": render_rho_throughput,
     "attribution": render_attribution,
+    "attribution_refs": render_attribution_refs,
     "gpu": render_gpu,
 }
 
