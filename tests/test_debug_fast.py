@@ -30,6 +30,19 @@ def test_mnist1d_il_model_then_rho_loss_with_debug_fast(tmp_path):
     assert s["trainer/steps"] == 1
 
 
+# Influence jobs (no Lightning): 12 test points, 1 training epoch, 4 LDS models; the dask one on an in-process worker.
+INFLUENCE_RUNS = ["digits_influence", "digits_influence_dask"]
+
+
+@pytest.mark.parametrize("experiment", INFLUENCE_RUNS)
+def test_influence_experiments_run_in_seconds_with_debug_fast(tmp_path, experiment):
+    full = compose_cfg([f"+experiment={experiment}"]).influence
+    assert (full.num_test, full.train.epochs, full.lds.num_models) == (100, 60, 64)
+    s = run_job(tmp_path, [f"+experiment={experiment}", "+debug=fast"])
+    assert (s["influence/n_test"], s["lds/num_models"]) == (12, 4) and "wandb/run_dir" not in s
+    assert s["time/wall_clock_s"] < 60, s  # ~6 s here (the Direct fit on the 2,410-parameter MLP is ~3.5 s)
+
+
 @pytest.mark.parametrize("experiment", DATA_ABSENT)
 def test_debug_fast_shrinks_experiments_whose_data_is_absent(experiment):
     full, fast = compose_cfg([f"+experiment={experiment}"]), compose_cfg([f"+experiment={experiment}", "+debug=fast"])
@@ -48,11 +61,11 @@ def test_debug_fast_wins_over_the_experiment_when_given_after_it():
 def test_every_experiment_is_listed():
     from conftest import CONFIG_DIR
 
-    listed = set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK
+    listed = set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK | set(INFLUENCE_RUNS)
     assert listed == {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")}
 
 
 # Non-Lightning jobs that +debug=fast does not shrink yet (configs/debug/fast.yaml covers datamodels only; their own
 # test: tests/test_datamodels_jobs.py for digits_datamodels).
-NOT_YET_SHRUNK = {"attribution_digits", "attribution_mnist1d", "digits_datamodels", "digits_influence",
-                  "digits_influence_dask", "digits_valuation", "dynamics_demo", "dynamics_hmm", "modular_addition_stacked"}
+NOT_YET_SHRUNK = {"attribution_digits", "attribution_mnist1d", "digits_datamodels", "digits_valuation", "dynamics_demo",
+                  "dynamics_hmm", "modular_addition_stacked"}

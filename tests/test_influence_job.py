@@ -110,6 +110,8 @@ def test_no_method_selected_is_a_clear_error(tmp_path):
 
     with pytest.raises(UserError, match="no influence method selected"):
         settings(compose_cfg(["task=influence", "paths.output_dir=/tmp/x"]))
+    with pytest.raises(UserError, match="no influence method selected"):  # debug's sizes are not a method
+        settings(compose_cfg(["task=influence", "+debug=fast", "paths.output_dir=/tmp/x"]))
 
 
 # pinned from the deterministic runs (LDS over 12 test points and 6 held-out models, noisy AUC, sum |influences|)

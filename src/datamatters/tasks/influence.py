@@ -67,7 +67,7 @@ class InfluenceSchema:
 def settings(cfg: DictConfig) -> DictConfig:
     """``cfg.influence`` checked against the schema: unknown keys and wrong types are clear errors."""
     node = OmegaConf.select(cfg, "influence")
-    if node is None:
+    if node is None or "method" not in node:  # `+debug=fast` alone sets sizes, not a method
         raise UserError("no influence method selected: add influence=<method> (direct, cg, lissa, arnoldi, ekfac, "
                         "nystroem, datainf, trak) or use +experiment=digits_influence")
     try:
