@@ -43,6 +43,22 @@ def test_influence_experiments_run_in_seconds_with_debug_fast(tmp_path, experime
     assert s["time/wall_clock_s"] < 60, s  # ~6 s here (the Direct fit on the 2,410-parameter MLP is ~3.5 s)
 
 
+# Attribution jobs: shrunk by configs/debug/fast.yaml (digits: 27 s job wall clock here, 36 s with imports: too slow to run in the fast suite; the
+# job's own tiny end-to-end run is in tests/test_attribution*.py).
+ATTRIBUTION_SHRUNK = ["attribution_digits", "attribution_mnist1d"]
+
+
+@pytest.mark.parametrize("experiment", ATTRIBUTION_SHRUNK)
+def test_debug_fast_shrinks_attribution_experiments(experiment):
+    full = compose_cfg([f"+experiment={experiment}"]).attribution
+    fast = compose_cfg([f"+experiment={experiment}", "+debug=fast"]).attribution
+    assert (full.num_test, full.ground_truth.num_subsets, full.ground_truth.seeds) == (100, 100, 5)
+    assert (fast.num_test, fast.train.epochs, fast.ground_truth.num_subsets, fast.ground_truth.seeds) == (12, 2, 6, 1)
+    assert max(fast.tracin_epochs) <= fast.train.epochs and list(fast.datamodels.sizes) == [20]
+    assert fast.influence.lissa.method == "lissa" and fast.influence.lissa.params.maxiter == 20  # merged, not replaced
+    assert set(fast.methods) < set(full.methods) and fast.models == full.models
+
+
 @pytest.mark.parametrize("experiment", DATA_ABSENT)
 def test_debug_fast_shrinks_experiments_whose_data_is_absent(experiment):
     full, fast = compose_cfg([f"+experiment={experiment}"]), compose_cfg([f"+experiment={experiment}", "+debug=fast"])
@@ -61,11 +77,11 @@ def test_debug_fast_wins_over_the_experiment_when_given_after_it():
 def test_every_experiment_is_listed():
     from conftest import CONFIG_DIR
 
-    listed = set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK | set(INFLUENCE_RUNS)
+    listed = set(ATTRIBUTION_SHRUNK) | set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK | set(INFLUENCE_RUNS)
     assert listed == {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")}
 
 
 # Non-Lightning jobs that +debug=fast does not shrink yet (configs/debug/fast.yaml covers datamodels only; their own
 # test: tests/test_datamodels_jobs.py for digits_datamodels).
-NOT_YET_SHRUNK = {"attribution_digits", "attribution_mnist1d", "digits_datamodels", "digits_valuation", "dynamics_demo",
+NOT_YET_SHRUNK = {"digits_datamodels", "digits_valuation", "dynamics_demo",
                   "dynamics_hmm", "modular_addition_stacked"}
