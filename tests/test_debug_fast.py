@@ -43,8 +43,8 @@ def test_influence_experiments_run_in_seconds_with_debug_fast(tmp_path, experime
     assert s["time/wall_clock_s"] < 60, s  # ~6 s here (the Direct fit on the 2,410-parameter MLP is ~3.5 s)
 
 
-# Attribution jobs: shrunk by configs/debug/fast.yaml (digits: 27 s job wall clock here, 36 s with imports: too slow to run in the fast suite; the
-# job's own tiny end-to-end run is in tests/test_attribution*.py).
+# Attribution jobs: shrunk by configs/debug/fast.yaml (digits: 27 s job wall clock here, 36 s with imports: too slow
+# for the fast suite; the job's own tiny end-to-end run is in tests/test_attribution*.py).
 ATTRIBUTION_SHRUNK = ["attribution_digits", "attribution_mnist1d"]
 
 
