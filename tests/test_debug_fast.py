@@ -67,6 +67,14 @@ def test_debug_fast_shrinks_experiments_whose_data_is_absent(experiment):
     assert fast.logger.wandb.enabled is False
 
 
+def test_digits_valuation_runs_in_seconds_with_debug_fast(tmp_path):
+    full = compose_cfg(["+experiment=digits_valuation"]).valuation
+    assert (full.n_train, full.utility.epochs, full.stopping.max_time_s) == (200, 20, 1800)
+    s = run_job(tmp_path, ["+experiment=digits_valuation", "+debug=fast"])  # tmc_shapley, the experiment's default
+    assert s["valuation/n"] == 24 and s["valuation/mean_count"] <= 2 and "wandb/run_dir" not in s
+    assert s["time/valuation_s"] < 10, s
+
+
 def test_debug_fast_wins_over_the_experiment_when_given_after_it():
     """Hydra appends `+` configs in command-line order, so `+experiment=X +debug=fast` (the documented order) ends
     with debug's values; `debug` cannot sit in train.yaml's defaults without breaking the `+debug=fast` syntax."""
@@ -77,11 +85,11 @@ def test_debug_fast_wins_over_the_experiment_when_given_after_it():
 def test_every_experiment_is_listed():
     from conftest import CONFIG_DIR
 
-    listed = set(ATTRIBUTION_SHRUNK) | set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK | set(INFLUENCE_RUNS)
+    listed = set(ATTRIBUTION_SHRUNK) | set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK | set(INFLUENCE_RUNS) | {"digits_valuation"}
     assert listed == {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")}
 
 
 # Non-Lightning jobs that +debug=fast does not shrink yet (configs/debug/fast.yaml covers datamodels only; their own
 # test: tests/test_datamodels_jobs.py for digits_datamodels).
-NOT_YET_SHRUNK = {"digits_datamodels", "digits_valuation", "dynamics_demo",
+NOT_YET_SHRUNK = {"digits_datamodels", "dynamics_demo",
                   "dynamics_hmm", "modular_addition_stacked"}
