@@ -5,6 +5,10 @@ framework's own modules and the same Lightning loop, 32 points per gradient step
   uniform            32 random points of each big batch of 320 (constant lr)
   uniform_lr_decay   the same with cosine decay of the lr to zero over the budget (Kaddour et al. 2023)
   reducible_loss     RHO-LOSS (IL model: MLP on the holdout, best-val-loss epoch, its cost timed)
+  reducible_loss_small_il   variant (--methods, not run by default): RHO-LOSS with a cheap IL model, a one-hidden-
+                     layer MLP (64 units) trained briefly (--small-il-epochs, --small-il-lr) at batch 256, best val-loss epoch;
+                     its cost (data, training, IL pass) timed exactly as the full IL model's (the paper's section on
+                     small, briefly trained IL models)
   ce_loss, gradnorm_ub   top-32 of 320 by training loss / last-layer gradient-norm bound
   selective_backprop forward 128, keep with probability percentile^3 (about 32 kept), backprop those
   infobatch          plain minibatches of 32 with InfoBatch pruning, as many epochs as uniform's data passes
@@ -47,9 +51,10 @@ from rho_speedup_table import goals, markdown
 
 METHODS = ["uniform", "uniform_lr_decay", "reducible_loss", "infobatch", "full_data", "selective_backprop", "ce_loss",
            "gradnorm_ub"]
+VARIANTS = ["reducible_loss_small_il"]  # labelled variants, run only when named in --methods
 ALL_CELLS = [f"{d}:{k}:{p}" for d in ("mnist1d", "digits")
              for k, p in (("uniform", 0.1), ("uniform", 0.2), ("uniform", 0.0), ("structured", 0.2))]
-N_BIG, N_SMALL, SB_FORWARD = 320, 32, 128
+N_BIG, N_SMALL, SB_FORWARD, SMALL_IL_BATCH = 320, 32, 128, 256
 
 
 def make_dm(dataset: str, kind: str, noise: float, batch_size: int, data_dir: str):
@@ -77,16 +82,19 @@ class BestVal(L.Callback):
             self.acc = float(trainer.callback_metrics.get("val/acc", float("nan")))
 
 
-def irreducible_losses(cell, seed: int, args) -> tuple[ILTable, float, dict]:
-    """IL model on the holdout (best val-loss epoch), then eval-mode losses over target-train; its seconds."""
+def irreducible_losses(cell, seed: int, args, small: bool = False) -> tuple[ILTable, float, dict]:
+    """IL model on the holdout (best val-loss epoch), then eval-mode losses over target-train; its seconds.
+    ``small``: the cheap variant's IL model (MLP with one hidden layer of 64, ``--small-il-epochs`` at batch 256 and
+    ``--small-il-lr``)."""
     L.seed_everything(seed, verbose=False)
     t0, c0 = time.perf_counter(), time.process_time()
-    dm = make_dm(*cell, args.il_batch, args.data_dir)
+    dm = make_dm(*cell, SMALL_IL_BATCH if small else args.il_batch, args.data_dir)
     dm.fit_split = "holdout"
-    model = build_model("mlp", dm.input_shape, dm.num_classes, hidden=[256, 256])
+    model = build_model("mlp", dm.input_shape, dm.num_classes, hidden=[64] if small else [256, 256])
     best = BestVal()
-    module = ClassifierModule(model, lambda p: torch.optim.AdamW(p, lr=args.il_lr), num_classes=dm.num_classes)
-    trainer(args.il_epochs, [best], val=True).fit(module, datamodule=dm)
+    lr = args.small_il_lr if small else args.il_lr
+    module = ClassifierModule(model, lambda p: torch.optim.AdamW(p, lr=lr), num_classes=dm.num_classes)
+    trainer(args.small_il_epochs if small else args.il_epochs, [best], val=True).fit(module, datamodule=dm)
     model.load_state_dict(best.state)
     idx, loss, _ = evaluate_losses(model, dm.loader("train"))
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -115,7 +123,7 @@ def build(method: str, cell, seed: int, args, il: ILTable | None):
     if method == "selective_backprop":
         return dm, build_peer("selective_backprop", {"beta": 3.0}, dm, epochs, seed, model, opt, **common), epochs
     sched = (lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=epochs)) if method == "uniform_lr_decay" else None
-    rule = "uniform" if method == "uniform_lr_decay" else method
+    rule = {"uniform_lr_decay": "uniform", "reducible_loss_small_il": "reducible_loss"}.get(method, method)
     return dm, SelectiveModule(model, opt, sched, method=rule, percent_train=args.percent_train, seed=seed,
                                il_table=il if rule == "reducible_loss" else None, **common), epochs
 
@@ -164,6 +172,8 @@ def main():
     ap.add_argument("--il-epochs", type=int, default=40)
     ap.add_argument("--il-batch", type=int, default=64)
     ap.add_argument("--il-lr", type=float, default=1e-3)
+    ap.add_argument("--small-il-epochs", type=int, default=20, help="IL epochs of the reducible_loss_small_il variant")
+    ap.add_argument("--small-il-lr", type=float, default=1e-2)
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--out", default="benchmarks/results/rho_speedup.json")
     ap.add_argument("--budget-min", type=float, default=1e9, help="stop starting new cells after this many minutes")
@@ -186,10 +196,13 @@ def main():
                      "seconds exclude test passes and validation; a warm-up fit precedes each cell; methods are "
                      "interleaved within a seed; seeds are the repeats. IL cost = IL model training + IL pass. sp_cpu*: the "
                      "same spans in process CPU seconds (robust to other jobs' load on this shared machine)."),
-        "note": "CPU timings on a shared 2-core machine loaded by other jobs: wall-clock ratios are indicative only",
+        "note": ("CPU timings on a loaded shared machine (2 cores, other jobs running): wall-clock ratios are indicative "
+                 "only"),
         "setup": {"model": "MLP in-256-256-10, AdamW", "lr": args.lr, "n_B": N_BIG, "n_b": N_SMALL,
                   "percent_train": args.percent_train, "epochs": args.epochs, "il": {"epochs": args.il_epochs,
                   "batch": args.il_batch, "lr": args.il_lr, "model": "MLP in-256-256-10, best val-loss epoch"},
+                  "il_small (reducible_loss_small_il)": {"epochs": args.small_il_epochs, "batch": SMALL_IL_BATCH,
+                                                         "lr": args.small_il_lr, "model": "MLP in-64-10, best val-loss epoch"},
                   "selective_backprop": f"beta 3, forward batch {SB_FORWARD}, history 1024, 1 primed epoch",
                   "infobatch": f"prune_ratio 0.5, delta 0.875, batch {N_SMALL}, epochs = epochs * percent_train"},
         "cells_requested": cells, "methods": args.methods, "cells_run": [], "cells_not_run": [],
@@ -206,12 +219,17 @@ def main():
         run_method("uniform", cell, 0, argparse.Namespace(**{**vars(args), "epochs": 2}), None)  # warm-up
         runs = []
         for seed in range(args.seed_start, args.seed_start + args.seeds):
-            il, il_s, il_info = irreducible_losses(cell, seed, args) if "reducible_loss" in args.methods else (None, None, {})
-            out["il"][f"{cell_s}:{seed}"] = il_info
+            ils = {}  # method -> (IL table, seconds, info): each RHO-LOSS method pays for its own IL model
+            if "reducible_loss" in args.methods:
+                ils["reducible_loss"] = irreducible_losses(cell, seed, args)
+                out["il"][f"{cell_s}:{seed}"] = ils["reducible_loss"][2]
+            if "reducible_loss_small_il" in args.methods:
+                ils["reducible_loss_small_il"] = irreducible_losses(cell, seed, args, small=True)
+                out.setdefault("il_small", {})[f"{cell_s}:{seed}"] = ils["reducible_loss_small_il"][2]
             for m in args.methods:
+                il, il_s, il_info = ils.get(m, (None, None, {}))
                 r = run_method(m, cell, seed, args, il)
-                r.update(cell=cell_s, method=m, seed=seed, il_s=il_s if m == "reducible_loss" else None,
-                         il_cpu_s=il_info.get("il_cpu_s") if m == "reducible_loss" else None)
+                r.update(cell=cell_s, method=m, seed=seed, il_s=il_s, il_cpu_s=il_info.get("il_cpu_s"))
                 runs.append(r)
                 print(f"{cell_s} seed={seed} {m:18s} best={r['best_acc']:.3f} final={r['final_acc']:.3f} "
                       f"steps={r['steps']} train_s={r['train_s']:.1f} corrupted={r['corrupted_frac']:.3f} "
@@ -240,7 +258,8 @@ def merge(paths: list[str], dest: Path, extra: dict | None = None) -> None:
     out = {k: v for k, v in parts[0].items() if k not in ("runs", "summary", "goals", "il", "partial")}
     runs = [r for p in parts for r in p["runs"] + (p.get("partial") or {}).get("runs", [])]
     out.update(runs=runs, il={k: v for p in parts for k, v in p["il"].items()}, merged_from=list(paths))
-    out["methods"] = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    out["il_small"] = {k: v for p in parts for k, v in p.get("il_small", {}).items()}
+    out["methods"] = [m for m in METHODS + VARIANTS if any(r["method"] == m for r in runs)]
     out["methods_per_cell"] = {c: [m for m in out["methods"] if any(r["cell"] == c and r["method"] == m for r in runs)]
                                for c in sorted({r["cell"] for r in runs})}
     out.update(extra or {})
