@@ -57,3 +57,12 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (--dist loadgroup) every test on the one-node SLURM cluster runs on the same worker: the
+    session fixture that starts the cluster also stops it, which must not happen under another worker's job."""
+    for item in items:
+        if item.get_closest_marker("slurm") or "slurm_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
