@@ -89,7 +89,8 @@ def test_every_experiment_is_listed():
     assert listed == {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")}
 
 
-# Non-Lightning jobs that +debug=fast does not shrink yet (configs/debug/fast.yaml covers datamodels only; their own
-# test: tests/test_datamodels_jobs.py for digits_datamodels).
+# Jobs not run here: digits_datamodels is shrunk by configs/debug/fast.yaml and run by its own test
+# (tests/test_datamodels_jobs.py::test_debug_fast_shrinks_the_whole_datamodels_job); the dynamics jobs are NOT shrunk
+# yet (issue 11 item 8 is open for them).
 NOT_YET_SHRUNK = {"digits_datamodels", "dynamics_demo",
                   "dynamics_hmm", "modular_addition_stacked"}
