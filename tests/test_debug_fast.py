@@ -85,12 +85,47 @@ def test_debug_fast_wins_over_the_experiment_when_given_after_it():
 def test_every_experiment_is_listed():
     from conftest import CONFIG_DIR
 
-    listed = set(ATTRIBUTION_SHRUNK) | set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK | set(INFLUENCE_RUNS) | {"digits_valuation"}
+    listed = set(ATTRIBUTION_SHRUNK) | set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK | set(INFLUENCE_RUNS) | {"digits_valuation"} | set(DYNAMICS_RUNS)
     assert listed == {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")}
 
 
 # Jobs not run here: digits_datamodels is shrunk by configs/debug/fast.yaml and run by its own test
-# (tests/test_datamodels_jobs.py::test_debug_fast_shrinks_the_whole_datamodels_job); the dynamics jobs are NOT shrunk
-# yet (issue 11 item 8 is open for them).
-NOT_YET_SHRUNK = {"digits_datamodels", "dynamics_demo",
-                  "dynamics_hmm", "modular_addition_stacked"}
+# (tests/test_datamodels_jobs.py::test_debug_fast_shrinks_the_whole_datamodels_job).
+NOT_YET_SHRUNK = {"digits_datamodels"}
+
+
+# Dynamics jobs: under fast_dev_run each merges its task config's `debug` fragment (one batch would record one row per
+# run, too few for an HMM): 3 seeds x 6 steps, statistics every step, K in 1..2 with one restart.
+DYNAMICS_RUNS = ["dynamics_demo", "dynamics_hmm", "modular_addition_stacked"]
+
+
+def _tables(summary):
+    import pandas as pd
+
+    return {p.parent.name: pd.read_parquet(p) for p in sorted(Path(summary["run_dir"]).glob("runs/seed*/*.parquet"))}
+
+
+def test_dynamics_demo_then_hmm_job_run_in_seconds_with_debug_fast(tmp_path):
+    full = compose_cfg(["+experiment=dynamics_demo"])
+    assert (len(full.task.seeds), full.trainer.max_epochs, full.dynamics.k_max) == (6, 8, 5)
+    s = run_job(tmp_path / "demo", ["+experiment=dynamics_demo", "+debug=fast"])
+    tables = _tables(s)
+    assert sorted(tables) == ["seed0", "seed1", "seed2"]
+    assert all(t["step"].tolist() == [1, 2, 3, 4, 5, 6] for t in tables.values())
+    assert s["hmm/n_runs"] == 3 and s["hmm/k"] <= 2 and "wandb/run_dir" not in s
+    assert s["time/wall_clock_s"] < 15, s  # ~7 s here
+    h = run_job(tmp_path / "hmm", ["+experiment=dynamics_hmm", "+debug=fast", f"dynamics.runs={s['run_dir']}/runs"])
+    assert h["hmm/n_runs"] == 3 and "wandb/run_dir" not in h
+    assert sorted(p.name for p in (Path(h["run_dir"]) / "hmm" / "models").glob("*.npz")) == ["k1_r0.npz", "k2_r0.npz"]
+    assert h["time/wall_clock_s"] < 10, h
+
+
+def test_modular_addition_stacked_runs_in_seconds_with_debug_fast(tmp_path):
+    full = compose_cfg(["+experiment=modular_addition_stacked"]).task
+    assert (len(full.seeds), full.p, full.steps) == (40, 113, 150000)
+    s = run_job(tmp_path, ["+experiment=modular_addition_stacked", "+debug=fast"])
+    tables = _tables(s)
+    assert sorted(tables) == ["seed0", "seed1", "seed2"]
+    assert all(t["step"].tolist() == [1, 2, 3, 4, 5, 6] for t in tables.values())
+    assert s["hmm/n_runs"] == 3 and s["hmm/k"] <= 2 and "wandb/run_dir" not in s
+    assert s["time/wall_clock_s"] < 15, s  # ~7 s here

@@ -9,7 +9,7 @@ from datamatters.errors import UserError
 from datamatters.tasks.building import (build_datamodule, build_network, build_optimizer, build_scheduler,
                                         build_trainer, last_checkpoint)
 from datamatters.tasks.common import RunContext, hash_of, job, make_loggers, print_summary, seed_everything
-from datamatters.tasks.dynamics_hmm import SUMMARY_KEYS, analyse, options
+from datamatters.tasks.dynamics_hmm import SUMMARY_KEYS, analyse, debug_sized, options
 from datamatters.training.classifier import ClassifierModule
 
 
@@ -32,6 +32,7 @@ def train_seed(cfg: DictConfig, ctx: RunContext, seed: int) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
+    cfg = debug_sized(cfg)
     seeds = list(cfg.task.get("seeds") or [])
     if len(seeds) < 2:
         raise UserError(f"task.seeds needs at least 2 seeds for a train/test split of runs, got {seeds}")

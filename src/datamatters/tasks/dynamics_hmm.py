@@ -6,15 +6,29 @@ model (training map, detour states, transition feature importance) and writes ``
 """
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from datamatters.errors import UserError
 from datamatters.tasks.common import RunContext, job, log_image, log_metrics, make_loggers, print_summary, write_summary
 
 SUMMARY_KEYS = ["hmm/k_bic", "hmm/k", "hmm/test_ll_per_sample", "hmm/n_runs", "hmm/detour_states",
                 "hmm/select_seconds", "time/wall_clock_s", "run_dir"]
+
+
+def debug_sized(cfg: DictConfig) -> DictConfig:
+    """Under ``+debug=fast`` (``trainer.fast_dev_run``): the config with the job's ``task.debug`` fragment merged
+    over it. Lightning's one batch would record one row per run, too few for an HMM, so each dynamics job says in
+    its task config what a seconds-long run is (seeds, steps, recording interval, K range). Unchanged otherwise."""
+    debug = OmegaConf.select(cfg, "task.debug")
+    if not OmegaConf.select(cfg, "trainer.fast_dev_run") or debug is None:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.merge_with(debug)
+    return cfg
 
 
 def options(cfg: DictConfig) -> tuple[object, dict]:
@@ -39,6 +53,7 @@ def analyse(ctx: RunContext, runs, opts: dict, out_dir: Path | None = None) -> d
 
 
 def run(cfg: DictConfig) -> dict:
+    cfg = debug_sized(cfg)
     runs, opts = options(cfg)
     if not runs:
         raise UserError("set dynamics.runs to the run directories to analyse (a sweep dir, a glob, or a list), e.g. "

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamatters.errors import UserError
 from datamatters.tasks.common import job, log_metrics, make_loggers, print_summary
-from datamatters.tasks.dynamics_hmm import SUMMARY_KEYS, analyse, options
+from datamatters.tasks.dynamics_hmm import SUMMARY_KEYS, analyse, debug_sized, options
 
 SIZE_KEYS = ("p", "frac", "d_model", "num_heads", "d_mlp", "layernorm", "lr", "weight_decay", "betas", "batch_size")
 
@@ -22,6 +22,7 @@ def run(cfg: DictConfig) -> dict:
 
     from datamatters.dynamics.stacked import StackedSeeds
 
+    cfg = debug_sized(cfg)
     t = OmegaConf.to_container(cfg.task, resolve=True)
     seeds = list(t.get("seeds") or [])
     if len(seeds) < 2:
