@@ -152,3 +152,49 @@ def test_svp_scores_with_the_il_checkpoint_on_the_accelerator(tmp_path, monkeypa
     assert s["svp/proxy"] == "il_checkpoint" and s["svp/batch_size"] == 32 and seen == [torch.device("cpu")]
     assert s["svp/kept"] == n_train == 63  # round(0.1 * 629) points of target-train
     assert s["trainer/steps"] == 2  # 64 points in minibatches of 32, one epoch
+
+
+def _fit_counting(tmp_path, monkeypatch, logger, every: int, steps: int = 7, n_B: int = 20):
+    """A RHO-LOSS fit of ``steps`` big batches on synthetic data; counts the per-step diagnostic computations."""
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from datamatters.selection import module as mod
+    from datamatters.selection.il_store import ILTable
+
+    calls = []
+    real = mod.percentiles
+    monkeypatch.setattr(mod, "percentiles", lambda x, *a: calls.append(len(x)) or real(x, *a))
+    g = torch.Generator().manual_seed(0)
+    n = steps * n_B
+    X, Y = torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g)
+    batches = [(torch.arange(i, i + n_B), X[i:i + n_B], Y[i:i + n_B]) for i in range(0, n, n_B)]
+    corrupted = torch.arange(n) % 3 == 0
+    il = ILTable(np.arange(n), torch.rand(n, generator=g).numpy())
+    m = SelectiveModule(_mlp(), num_classes=3, method="reducible_loss", percent_train=0.25, il_table=il,
+                        corrupted=corrupted)
+    tr = L.Trainer(max_epochs=1, accelerator="cpu", logger=CSVLogger(tmp_path) if logger else False,
+                   log_every_n_steps=every, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False)
+    tr.fit(m, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    return m, tr, calls
+
+
+def test_step_diagnostics_are_computed_only_on_logged_steps(tmp_path, monkeypatch):
+    """Lightning writes on-step metrics every log_every_n_steps steps only, so the per-step diagnostics (~20 self.log
+    calls and 6 quantiles) are built only then (they made a RHO-LOSS step ~2.5x a uniform one on a tiny MLP); the run
+    totals and per-class counts still cover every step."""
+    m, tr, calls = _fit_counting(tmp_path, monkeypatch, logger=True, every=3)
+    assert len(calls) == 2 * 6  # steps 3 and 6 of 7: {loss, il, score} x {selected, not selected}
+    df = pd.read_csv(Path(tr.logger.log_dir) / "metrics.csv")
+    rows = df.dropna(subset=["selection/score_selected_p10"])
+    assert rows["step"].tolist() == [2, 5] and rows["trainer/examples_seen"].tolist() == [15.0, 30.0]
+    sel = m.selected_indices()
+    assert sel.shape == (7, 5) and m.totals["examples_seen"] == 35 and m.totals["examples_scored"] == 140
+    assert m.totals["corrupted_selected"] == int((sel % 3 == 0).sum()) > 0  # every step counted, logged or not
+    assert df["selection/class_frac_0"].notna().sum() == 1
+
+    _, _, quiet = _fit_counting(tmp_path / "none", monkeypatch, logger=False, every=1)
+    assert quiet == []  # no logger: nothing is computed for it
+    _, _, each = _fit_counting(tmp_path / "each", monkeypatch, logger=True, every=1)
+    assert len(each) == 7 * 6  # the control: logging every step computes them every step
