@@ -47,7 +47,7 @@ from datamatters.selection.il_store import ILTable
 from datamatters.selection.module import SelectiveModule
 from datamatters.selection.peers import build_peer
 from datamatters.training.classifier import ClassifierModule, evaluate_losses
-from rho_speedup_table import goals, markdown
+from rho_speedup_table import goals, markdown, paired
 
 METHODS = ["uniform", "uniform_lr_decay", "reducible_loss", "infobatch", "full_data", "selective_backprop", "ce_loss",
            "gradnorm_ub"]
@@ -98,7 +98,8 @@ def irreducible_losses(cell, seed: int, args, small: bool = False) -> tuple[ILTa
     model.load_state_dict(best.state)
     idx, loss, _ = evaluate_losses(model, dm.loader("train"))
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return ILTable(idx, loss), secs, {"il_val_acc": best.acc, "il_val_loss": best.best, "il_s": secs, "il_cpu_s": cpu}
+    return ILTable(idx, loss), secs, {"il_val_acc": best.acc, "il_val_loss": best.best, "il_s": secs, "il_cpu_s": cpu,
+                                      "loadavg_1min": os.getloadavg()[0]}
 
 
 def build(method: str, cell, seed: int, args, il: ILTable | None):
@@ -130,11 +131,13 @@ def build(method: str, cell, seed: int, args, il: ILTable | None):
 
 def run_method(method: str, cell, seed: int, args, il) -> dict:
     L.seed_everything(seed, verbose=False)
+    load0 = os.getloadavg()[0]
     dm, module, epochs = build(method, cell, seed, args, il)
     curve = EpochTestCurve(dm.loader("test"))
     trainer(epochs, [curve]).fit(module, datamodule=dm)
     t = module.totals
-    return {"curve": curve.rows, "epochs": epochs, "final_acc": curve.rows[-1]["test_acc"],
+    return {"loadavg_1min": [load0, os.getloadavg()[0]],  # the machine's contention at start / end of this run
+            "curve": curve.rows, "epochs": epochs, "final_acc": curve.rows[-1]["test_acc"],
             "best_acc": max(r["test_acc"] for r in curve.rows), "steps": int(module.global_step),
             "train_s": curve.train_s, "train_cpu_s": curve.train_cpu_s, "examples_seen": int(t["examples_seen"]),
             "examples_scored": int(t["examples_scored"]),
@@ -154,6 +157,8 @@ def summarise(runs: list[dict]) -> list[dict]:
             row["train_s_total"] = float(np.mean([r["train_s"] for r in rs]))
             row["train_cpu_s_total"] = float(np.mean([r["train_cpu_s"] for r in rs]))
             row["final_acc_std"] = float(np.std([r["final_acc"] for r in rs]))
+            if row["label"] == "infobatch" and baseline == "uniform":  # its goal: on the seeds both sides ran
+                row["paired"] = {o: p for o in ("full_data", "uniform") if (p := paired(runs, "infobatch", o))}
             rows.append(row)
     return rows
 

@@ -62,3 +62,25 @@ def test_markdown_shows_ci_na_and_misses(tab):
     assert "| n/a | 2.00 [1.90, 2.10] |" in line  # no speed-up vs uniform (never reached), 2x vs the lr-decay one
     assert "**missed**" in md and "Reduced run: mnist1d only" in md
     assert md.count("| mnist1d:uniform:0.1 |") == 4  # one row per method against uniform
+
+
+def test_infobatch_goal_compares_only_the_seeds_both_sides_ran(tab):
+    """InfoBatch's rows once averaged seeds 0-1 against full data / uniform over seeds 0-4 (other load, other seeds)."""
+    def run(method, seed, acc, secs, cpu=None):
+        return {"method": method, "seed": seed, "final_acc": acc, "train_s": secs, "train_cpu_s": cpu or secs / 2}
+
+    runs = [run("infobatch", 0, 0.60, 6.0), run("infobatch", 1, 0.58, 8.0),
+            run("full_data", 0, 0.61, 10.0), run("full_data", 1, 0.59, 10.0), run("full_data", 2, 0.40, 100.0),
+            run("uniform", 1, 0.57, 4.0), run("uniform", 3, 0.70, 1.0)]
+    p = tab.paired(runs, "infobatch", "full_data")
+    assert p["seeds"] == [0, 1] and p["acc_drop_points"] == pytest.approx(1.0)
+    assert p["time_saved"] == pytest.approx(1 - (0.6 + 0.8) / 2) and p["cpu_time_saved"] == pytest.approx(0.3)
+    u = tab.paired(runs, "infobatch", "uniform")
+    assert u["seeds"] == [1] and u["acc_drop_points"] == pytest.approx(-1.0) and u["time_saved"] == pytest.approx(-1.0)
+    assert tab.paired(runs, "infobatch", "ce_loss") is None
+
+    c = cell()  # row means say: met (0.4 points, 31% less time); the paired seeds say: missed (1.0 points)
+    next(r for r in c if r["label"] == "infobatch")["paired"] = {"full_data": p, "uniform": u}
+    g = tab.goals({"mnist1d:uniform:0.2": c})["infobatch_mnist1d:uniform:0.2: acc within 0.5 pt of full data at >= 30% less time"]
+    assert g["seeds"] == [0, 1] and g["acc_drop_points"] == pytest.approx(1.0) and not g["met"]
+    assert g["vs_uniform_selecting_32_of_320"]["seeds"] == [1] and "unpaired" not in g
