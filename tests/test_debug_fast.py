@@ -95,8 +95,9 @@ NOT_YET_SHRUNK = {"digits_datamodels"}
 
 
 # Dynamics jobs: under fast_dev_run each merges its task config's `debug` fragment (one batch would record one row per
-# run, too few for an HMM): 3 seeds x 6 steps, statistics every step, K in 1..2 with one restart.
-DYNAMICS_RUNS = ["dynamics_demo", "dynamics_hmm", "modular_addition_stacked"]
+# run, too few for an HMM): 3 seeds x 6 steps, statistics every step, K in 1..2 with one restart. dynamics_selection
+# runs with +debug=fast in tests/test_dynamics_selection.py::test_selection_map_job_in_miniature.
+DYNAMICS_RUNS = ["dynamics_demo", "dynamics_hmm", "modular_addition_stacked", "dynamics_selection"]
 
 
 def _tables(summary):
