@@ -59,10 +59,12 @@ class SupervisedScorer(Scorer):
         else:
             self._sk = scoring
         self._X, self._y = test_data.data()
+        # accuracy: the same number as sklearn's scorer, without its input validation (microseconds per subset)
+        self._y_accuracy = _numpy(self._y) if scoring == "accuracy" else None
 
     def __call__(self, model) -> float:
-        if self.scoring == "accuracy":  # same number as sklearn's scorer, without its input validation overhead
-            return float(np.mean(np.asarray(model.predict(self._X)) == np.asarray(self._y)))
+        if self._y_accuracy is not None:
+            return float((self._y_accuracy == np.asarray(model.predict(self._X))).mean())
         return float(self._sk(model, self._X, self._y))
 
     def from_logits(self, logits) -> np.ndarray:

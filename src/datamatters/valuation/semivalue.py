@@ -26,7 +26,7 @@ from datamatters.valuation.dataset import Dataset
 from datamatters.valuation.result import ValuationResult, merge_samples
 from datamatters.valuation.samplers.base import Sampler
 from datamatters.valuation.stopping import StoppingCriterion, check_terminates
-from datamatters.valuation.utility import Utility
+from datamatters.valuation.utility import Utility, compute_env
 
 MSR_KEYS = ("in_mean", "in_var", "in_count", "out_mean", "out_var", "out_count")
 
@@ -54,9 +54,9 @@ def prefix_utilities(perms: np.ndarray, utility: Utility, truncation, total: flo
         step = block or max(1, math.ceil(utility.preferred_batch / len(rows)))
         end = first if pos < first else min(n, pos + step)
         masks = ranks[rows][:, None, :] <= np.arange(pos, end)[None, :, None]
-        U[rows, pos:end] = utility.evaluate(masks.reshape(-1, n)).reshape(len(rows), end - pos)
+        U[rows, pos:end] = utility._evaluate(masks.reshape(-1, n)).reshape(len(rows), end - pos)
         live = np.ones(len(rows), bool)
-        for j in range(pos, end):
+        for j in range(max(pos, first - 1), end):  # no truncation can fire before position first - 1
             fire = live & truncation.check(j + 1, U[rows, j], n, total)
             if fire.any():
                 r = rows[fire]
@@ -167,7 +167,7 @@ class SemivalueValuation(Valuation):
         B = len(idx)
         with_i = masks.copy()
         with_i[np.arange(B), idx] = True
-        u = self.utility.evaluate(np.concatenate([with_i, masks]))
+        u = self.utility._evaluate(np.concatenate([with_i, masks]))
         k = masks.sum(1)
         result.update(idx, (u[:B] - u[B:]) * importance_weights(self.coefficient, self.sampler, n, k))
 
@@ -186,7 +186,7 @@ class SemivalueValuation(Valuation):
         result.update(perms.ravel(), ((U - prev) * w[None, :]).ravel())
 
     def _process_msr(self, masks, result, n):
-        u = self.utility.evaluate(masks)
+        u = self.utility._evaluate(masks)
         k = masks.sum(1)
         w_in = importance_weights(self.coefficient, self.sampler, n, np.maximum(k - 1, 0))
         w_out = importance_weights(self.coefficient, self.sampler, n, k)
@@ -205,7 +205,8 @@ def _prefixes_in_worker(utility: Utility, task) -> tuple[np.ndarray, int]:
     at a time (nothing evaluated after a truncation), and how many utilities that took."""
     perms, truncation, total = task
     own = utility.worker_copy()  # own counters: threads of one dask worker may share the payload
-    return prefix_utilities(perms, own, truncation, total, block=1), own.n_evaluations
+    with compute_env(own):  # once per task, not per subset
+        return prefix_utilities(perms, own, truncation, total, block=1), own.n_evaluations
 
 
 def combine_msr(result: ValuationResult) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -58,6 +58,22 @@ def subset_keys(masks: np.ndarray) -> list[bytes]:
     return [row.tobytes() for row in packed]
 
 
+def _distinct(masks: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Rows of the first occurrence of each distinct subset, in their original order (so that warm starts see the
+    same sequence), and for every row the position of its subset among them; (None, None) when all differ."""
+    if len(masks) <= 16 and len({m.tobytes() for m in masks}) == len(masks):  # a TMC step: a set beats a sort
+        return None, None
+    packed = np.ascontiguousarray(np.packbits(masks, axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    if len(first) == len(masks):
+        return None, None
+    order = np.argsort(first)  # distinct subsets by first occurrence
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return first[order], rank[inverse.ravel()]
+
+
 def subset_ids(masks: np.ndarray) -> np.ndarray:
     """A 62-bit id per subset (hash of its members): seeds a torch model's init/order by the set itself, so a
     subset always trains the same model whatever batch or worker it lands in."""
@@ -66,25 +82,60 @@ def subset_ids(masks: np.ndarray) -> np.ndarray:
 
 
 _CONTROLLER = None
+_HELD: int | None = None  # the BLAS thread limit an enclosing limit_threads holds in this process
 
 
+@contextmanager
 def limit_threads(n: int | None):
-    """Context limiting BLAS/OpenMP threads to ``n`` (no-op if None or already within it). The threadpoolctl
-    controller is built once per process: building it scans the loaded libraries (milliseconds per call)."""
-    global _CONTROLLER
-    if n is None:
-        return nullcontext()
+    """Context limiting BLAS/OpenMP threads to ``n`` (no-op if None, or within an enclosing limit of at most
+    ``n``: a session holds it for a whole fit, so evaluations inside pay nothing). The threadpoolctl controller is
+    built once per process (building it scans the loaded libraries: milliseconds); each library above ``n`` is
+    set directly and restored on exit (threadpoolctl's own ``limit`` costs ~1 ms per entry)."""
+    global _CONTROLLER, _HELD
+    if n is None or (_HELD is not None and _HELD <= n):
+        yield
+        return
     if _CONTROLLER is None:
         from threadpoolctl import ThreadpoolController
 
         _CONTROLLER = ThreadpoolController()
-    if all(lib.num_threads <= n for lib in _CONTROLLER.lib_controllers):
-        return nullcontext()
-    return _CONTROLLER.limit(limits=n)
+    changed = [(lib, t) for lib in _CONTROLLER.lib_controllers if (t := lib.num_threads) > n]
+    outer, _HELD = _HELD, n
+    try:
+        for lib, _ in changed:
+            lib.set_num_threads(n)
+        yield
+    finally:
+        for lib, t in changed:
+            lib.set_num_threads(t)
+        _HELD = outer
+
+
+@contextmanager
+def compute_env(utility: "Utility"):
+    """Where a utility computes: BLAS threads limited to ``utility.blas_threads`` and, without
+    ``show_warnings``, the model's own warnings ignored. Entered once per session, worker task, or top-level
+    evaluate() call, never per subset (threadpoolctl and ``catch_warnings`` cost microseconds per entry)."""
+    if utility._env_held:
+        yield
+        return
+    utility._env_held = True
+    try:
+        with limit_threads(utility.blas_threads):
+            if utility.show_warnings:
+                yield
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    yield
+    finally:
+        utility._env_held = False
 
 
 def _compute_chunk(utility: "Utility", masks: np.ndarray):
-    return utility._compute(masks)
+    own = utility.worker_copy()  # threads of one dask worker may share the payload
+    with compute_env(own):
+        return own._compute(masks)
 
 
 class Utility:
@@ -94,6 +145,8 @@ class Utility:
     (batched torch training, vectorised games); strategies then prefer big evaluate() calls over worker tasks."""
 
     batches_models = False
+    blas_threads: int | None = None  # BLAS threads while computing (None: left alone), see ModelUtility
+    _env_held = False  # inside compute_env
 
     def __init__(self, scorer: Scorer | None = None, *, default: float | None = None, catch_errors: bool = True,
                  cache: bool | UtilityCache = False, n_jobs: int = 1, dask_address: Any = None,
@@ -126,7 +179,7 @@ class Utility:
         check_nonempty(data, "training set to value")
         u = copy.copy(self)
         u.data = data
-        u._executor, u._depth = None, 0
+        u._executor, u._depth, u._env_held = None, 0, False
         if self.cache is not None and self.data is not data:
             u.cache = UtilityCache()
         u._bind(data)
@@ -156,7 +209,7 @@ class Utility:
     def worker_copy(self) -> "Utility":
         """What workers receive: this utility without cache, workers or counters (it computes in-process)."""
         u = copy.copy(self)
-        u.cache, u._executor, u._depth = None, None, 0
+        u.cache, u._executor, u._depth, u._env_held = None, None, 0, False
         u.n_evaluations = u.n_failed = u.n_nan = 0
         if hasattr(u, "_warm"):
             u._warm = None
@@ -164,7 +217,7 @@ class Utility:
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["cache"], state["_executor"] = None, None
+        state["cache"], state["_executor"], state["_env_held"] = None, None, False
         if "_warm" in state:
             state["_warm"] = None
         return state
@@ -172,20 +225,28 @@ class Utility:
     # ---- execution --------------------------------------------------------------------------------------------
     @contextmanager
     def session(self) -> Iterator["Utility"]:
-        """Start the workers (once per fit) and send them this utility; nested sessions reuse them."""
-        if self._depth == 0:
-            ex = make_executor(self.n_jobs, self.dask_address)
-            if ex.n_workers > 1 or self.dask_address:
-                ex.bind(self.worker_copy())
-                self._executor = ex
-            else:
-                ex.close()
-        self._depth += 1
+        """Start the workers (once per fit) and send them this utility; nested sessions reuse them. The compute
+        environment (thread limit, warning filter) is entered here once for the whole fit, not per evaluation."""
+        if self._depth > 0:
+            self._depth += 1
+            try:
+                yield self
+            finally:
+                self._depth -= 1
+            return
+        ex = make_executor(self.n_jobs, self.dask_address)
+        if ex.n_workers > 1 or self.dask_address:
+            ex.bind(self.worker_copy())
+            self._executor = ex
+        else:
+            ex.close()
+        self._depth = 1
         try:
-            yield self
+            with compute_env(self):
+                yield self
         finally:
-            self._depth -= 1
-            if self._depth == 0 and self._executor is not None:
+            self._depth = 0
+            if self._executor is not None:
                 self._executor.close()
                 self._executor = None
 
@@ -198,35 +259,51 @@ class Utility:
             self.evaluate(mask[None, :])[0]
 
     def evaluate(self, masks: np.ndarray) -> np.ndarray:
+        """u(S) for each row of ``masks`` (B, n players): (B,) scores, or (B, C) for class-wise scorers."""
         self._require_data()
         masks = np.asarray(masks, dtype=bool)
         if masks.ndim != 2 or masks.shape[1] != len(self.data):
             raise UserError(f"subset masks must have shape (B, {len(self.data)}), got {masks.shape}")
-        shape = (len(masks),) if self.n_outputs is None else (len(masks), self.n_outputs)
+        return self._evaluate(masks)
+
+    def _evaluate(self, masks: np.ndarray) -> np.ndarray:
+        """``evaluate`` for masks the framework built itself (bound data, bool (B, n)): no input checks, and the
+        compute environment entered here only outside a session."""
+        if not self._env_held:
+            with compute_env(self):
+                return self._evaluate(masks)
+        B = len(masks)
+        shape = (B,) if self.n_outputs is None else (B, self.n_outputs)
+        if B == 1 and self.cache is None:  # one subset (a TMC step): nothing to deduplicate
+            return self._compute_many(masks).reshape(shape) if masks.any() else np.full(shape, self.default)
         out = np.full(shape, self.default, dtype=float)
         nonempty = np.flatnonzero(masks.any(1))
         if len(nonempty) == 0:
             return out
-        if len(nonempty) == 1 and self.cache is None:  # one subset (a TMC step): nothing to deduplicate
-            out[nonempty] = self._compute_many(masks[nonempty]).reshape((1,) + shape[1:])
+        sub = masks if len(nonempty) == B else masks[nonempty]
+        if self.cache is None:  # vectorised: no Python work per subset
+            first, inverse = _distinct(sub)
+            if first is None:
+                out[nonempty] = self._compute_many(sub).reshape((len(sub),) + shape[1:])
+            else:
+                out[nonempty] = self._compute_many(sub[first]).reshape((len(first),) + shape[1:])[inverse]
             return out
-        keys = subset_keys(masks[nonempty])
-        first: dict[bytes, int] = {}
+        keys = subset_keys(sub)
+        first_of: dict[bytes, int] = {}
         for j, k in enumerate(keys):
-            first.setdefault(k, j)
+            first_of.setdefault(k, j)
         todo: list[int] = []
         found: dict[bytes, Any] = {}
-        for k, j in first.items():
-            hit = self.cache.get(k) if self.cache is not None else None
+        for k, j in first_of.items():
+            hit = self.cache.get(k)
             if hit is None:
                 todo.append(j)
             else:
                 found[k] = hit
         if todo:
-            for k, v in zip((keys[j] for j in todo), self._compute_many(masks[nonempty[todo]])):
+            for k, v in zip((keys[j] for j in todo), self._compute_many(sub[todo])):
                 found[k] = v
-                if self.cache is not None:
-                    self.cache.put(k, v)
+                self.cache.put(k, v)
         out[nonempty] = np.asarray([found[k] for k in keys], dtype=float).reshape((len(nonempty),) + shape[1:])
         return out
 
@@ -239,15 +316,13 @@ class Utility:
             scores = np.concatenate([np.asarray(p[0], float) for p in parts])
             status = np.concatenate([np.asarray(p[1]) for p in parts])
         self.n_evaluations += len(masks)
-        bad = status != OK
-        if bad.any():
-            n_fail, n_nan = int((status == FIT_FAILED).sum()), int((status == NAN_SCORE).sum())
-            self.n_failed += n_fail
-            self.n_nan += n_nan
-            if self.show_warnings:  # one fixed text, so Python shows it once per call site, not once per batch
+        if status.any():  # 0 = OK
+            self.n_failed += int((status == FIT_FAILED).sum())
+            self.n_nan += int((status == NAN_SCORE).sum())
+            if self.show_warnings:  # one fixed text and place, so Python shows it once, not once per batch
                 warnings.warn(f"some fits failed or scored NaN; such subsets get the default {self.default} "
-                              "(counts in utility.n_failed / utility.n_nan)", RuntimeWarning, stacklevel=3)
-            scores[bad] = self.default
+                              "(counts in utility.n_failed / utility.n_nan)", RuntimeWarning, stacklevel=2)
+            scores[status != OK] = self.default
         return scores
 
     def _compute(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
@@ -292,6 +367,31 @@ def _copy_is_clone(model) -> bool:
     return all(v is None or isinstance(v, (bool, int, float, str)) for v in params.values())
 
 
+def _plain_copier(model):
+    """``copy.copy(model)`` without its protocol (``__reduce_ex__``, sklearn's ``__getstate__`` adding a version
+    that ``__setstate__`` removes): a new instance with the same ``__dict__``, ~1 us instead of ~5-20 us. Only for
+    classes that customise none of it; otherwise ``copy.copy`` itself."""
+    cls = type(model)
+    custom = (cls.__new__ is not object.__new__ or "__slots__" in vars(cls) or not hasattr(model, "__dict__")
+              or getattr(cls, "__copy__", None) is not None or cls.__reduce_ex__ is not object.__reduce_ex__
+              or cls.__reduce__ is not object.__reduce__)
+    setstate = getattr(cls, "__setstate__", None)
+    if not custom and setstate is not None:
+        from sklearn.base import BaseEstimator
+
+        custom = setstate is not BaseEstimator.__setstate__ or cls.__getstate__ is not BaseEstimator.__getstate__
+    if custom:
+        return lambda: copy.copy(model)
+    state, new = model.__dict__, object.__new__
+
+    def plain_copy():
+        m = new(cls)
+        m.__dict__.update(state)
+        return m
+
+    return plain_copy
+
+
 class ModelUtility(Utility):
     """u(S) = scorer(model fitted on S) for an sklearn-style model (``fit``/``predict``), cloned before each fit."""
 
@@ -318,13 +418,26 @@ class ModelUtility(Utility):
                                    else "has no warm_start parameter"))
         self.model, self.clone_before_fit, self.blas_threads = model, bool(clone_before_fit), blas_threads
         self.warm_start, self._warm = bool(warm_start), None
-        self._shallow = _copy_is_clone(model)
+        self._bind_model()
+
+    def _bind_model(self) -> None:
+        # an unfitted estimator with plain parameters: a shallow copy is a clone (~1 us)
+        self._copy = _plain_copier(self.model) if _copy_is_clone(self.model) else None
+
+    def __setstate__(self, state):  # the copier closes over this process's model: rebuild it after unpickling
+        self.__dict__.update(state)
+        self._bind_model()
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_copy", None)
+        return state
 
     def _fresh_model(self):
         if not self.clone_before_fit:
             return self.model
-        if self._shallow:  # an unfitted estimator with plain parameters: a shallow copy is a clone (~1 us)
-            return copy.copy(self.model)
+        if self._copy is not None:
+            return self._copy()
         from sklearn.base import clone
 
         try:
@@ -347,33 +460,32 @@ class ModelUtility(Utility):
         return clone(self.model).set_params(warm_start=True)
 
     def _compute(self, masks):
-        with limit_threads(self.blas_threads), warnings.catch_warnings():
-            if not self.show_warnings:  # the model's own warnings on tiny subsets (pyDVL's show_warnings)
-                warnings.simplefilter("ignore")
-            return self._fit_and_score(masks)
-
-    def _fit_and_score(self, masks):
-        x, y = self.data.x, self.data.y
+        """Fit and score each subset: the bare loop (rows selected by boolean mask, as ``X[S]`` would), with the
+        NaN check vectorised after it."""
+        x, y, scorer = self.data.x, self.data.y, self.scorer
         rows = self.data.row_masks(masks)
         scores = np.zeros((len(masks),) + (() if self.n_outputs is None else (self.n_outputs,)))
         status = np.zeros(len(masks), np.int8)
-        for j, r in enumerate(rows):
+        fresh = self._fresh_model if not self.warm_start else None
+        for j in range(len(rows)):
+            r = rows[j]
             try:
-                model = self._model_for(y[r]) if self.warm_start else self._fresh_model()
-                model.fit(x[r], y[r])
-                s = np.asarray(self.scorer(model), float)
+                yr = y[r]
+                model = fresh() if fresh is not None else self._model_for(yr)
+                model.fit(x[r], yr)
+                scores[j] = scorer(model)
             except Exception as exc:  # noqa: BLE001 - any fit/score error is the subset's, see catch_errors
                 self._warm = None
                 status[j] = self._handle(exc, int(r.sum()))
                 continue
-            if self.warm_start:
+            if fresh is None:
                 self._warm = model
-            if np.any(np.isnan(s)):
-                if not self.catch_errors:
-                    raise UserError(f"scorer {self.scorer.name} returned NaN for a subset of {int(r.sum())} points")
-                status[j] = NAN_SCORE
-            else:
-                scores[j] = s
+        nan = np.isnan(scores.reshape(len(masks), -1)).any(1)
+        if nan.any():
+            if not self.catch_errors:
+                raise UserError(f"scorer {self.scorer.name} returned NaN for a subset of "
+                                f"{int(rows[np.argmax(nan)].sum())} points")
+            status[nan] = NAN_SCORE
         return scores, status
 
     def __str__(self):

@@ -1,0 +1,164 @@
+"""The per-evaluation path stays lean without losing a guarantee: the compute environment (BLAS thread limit,
+warning filter) is entered once per fit, not per subset, yet every fit runs inside it; duplicates are trained once,
+in first-occurrence order; shallow copies are used only where they are clones."""
+import copy
+import warnings
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_info, threadpool_limits
+
+import datamatters.valuation.utility as U
+from datamatters.valuation import Dataset, MaxUpdates, ModelUtility, SupervisedScorer, TMCShapleyValuation
+from datamatters.valuation.games import AdditiveGame
+
+
+class Majority:
+    """A trivial model that records, at each fit, the BLAS threads and whether it was asked to warn."""
+
+    seen_threads: list = []
+
+    def __init__(self, warn=False):
+        self.warn = warn
+
+    def get_params(self, deep=True):
+        return {"warn": self.warn}
+
+    def set_params(self, **params):
+        self.__dict__.update(params)
+        return self
+
+    def fit(self, X, y):
+        if len(Majority.seen_threads) < 3:  # threadpool_info costs milliseconds: sample the first fits
+            Majority.seen_threads.append(max(i["num_threads"] for i in threadpool_info()))
+        if self.warn:
+            warnings.warn("tiny subset", UserWarning)
+        self.c_ = np.bincount(y).argmax()
+        return self
+
+    def predict(self, X):
+        return np.full(len(X), self.c_)
+
+
+def problem(n=12):
+    rng = np.random.default_rng(0)
+    y, yt = rng.integers(0, 3, n), rng.integers(0, 3, 20)
+    return Dataset(rng.normal(size=(n, 3)), y), Dataset(rng.normal(size=(20, 3)), yt)
+
+
+@pytest.fixture
+def env_entries(monkeypatch):
+    calls = []
+    real = U.compute_env
+
+    def counting(utility):
+        calls.append(1)
+        return real(utility)
+
+    monkeypatch.setattr(U, "compute_env", counting)
+    return calls
+
+
+def test_environment_entered_once_per_fit_and_every_fit_runs_inside_it(env_entries):
+    train, test = problem()
+    if not threadpool_info():
+        pytest.skip("no BLAS/OpenMP library loaded to limit")
+    with threadpool_limits(2):
+        outside = max(i["num_threads"] for i in threadpool_info())
+        Majority.seen_threads = []
+        u = ModelUtility(Majority(), SupervisedScorer("accuracy", test))
+        r = TMCShapleyValuation(u, is_done=MaxUpdates(3), seed=0, batch_size=3).fit(train).result
+        after = max(i["num_threads"] for i in threadpool_info())
+    assert r.meta["utility_evaluations"] > 10
+    assert len(env_entries) == 1  # one session, not one entry per evaluation (was 2 per evaluation)
+    assert outside == after == 2 and Majority.seen_threads == [1, 1, 1]  # limited inside, restored after
+    env_entries.clear()
+    direct = ModelUtility(Majority(), SupervisedScorer("accuracy", test)).with_dataset(train)
+    direct.evaluate(np.tril(np.ones((6, 12), bool)))  # outside a session: once per call, not per subset
+    assert len(env_entries) == 1 and direct.n_evaluations == 6
+
+
+def test_limits_nest_without_touching_the_libraries_again(monkeypatch):
+    if not threadpool_info():
+        pytest.skip("no BLAS/OpenMP library loaded to limit")
+    with threadpool_limits(2):
+        with U.limit_threads(1):
+            sets = []
+            for lib in U._CONTROLLER.lib_controllers:
+                monkeypatch.setattr(lib, "set_num_threads", lambda n, sets=sets: sets.append(n))
+            with U.limit_threads(1), U.limit_threads(2):  # within the held limit: nothing to set or restore
+                pass
+            assert sets == []
+            monkeypatch.undo()
+            assert max(i["num_threads"] for i in threadpool_info()) == 1
+        assert max(i["num_threads"] for i in threadpool_info()) == 2
+
+
+@pytest.mark.parametrize("show", [False, True])
+def test_model_warnings_follow_show_warnings(show):
+    train, test = problem()
+    u = ModelUtility(Majority(warn=True), SupervisedScorer("accuracy", test), show_warnings=show)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        TMCShapleyValuation(u, is_done=MaxUpdates(1), seed=0, batch_size=1).fit(train)
+    tiny = [w for w in caught if "tiny subset" in str(w.message)]
+    assert (len(tiny) > 0) == show
+
+
+class CountingGame(AdditiveGame):
+    """Records the subsets each _compute call receives."""
+
+    def _compute(self, masks):
+        self.calls.append(np.array(masks))
+        return super()._compute(masks)
+
+
+@pytest.mark.parametrize("batch", [5, 40])  # the set path (<= 16 subsets) and the sorting path
+def test_duplicates_trained_once_in_first_occurrence_order(batch):
+    rng = np.random.default_rng(1)
+    g = CountingGame(rng.normal(size=8))
+    g = g.with_dataset(g.data)
+    g.calls = []
+    masks = rng.random((batch, 8)) < 0.5
+    masks[:, 0] = True
+    masks = masks[rng.integers(0, batch, 2 * batch)]  # repeats, in random order
+    masks[3] = False  # an empty subset: the default, never computed
+    masks = np.asfortranarray(masks)  # a non-contiguous layout (a column-permuted view is one)
+    np.testing.assert_allclose(g.evaluate(masks), masks @ g.weights)
+    expected = [m for j, m in enumerate(masks) if m.any() and not any(np.array_equal(m, p) for p in masks[:j])]
+    assert len(expected) < len(masks) - 1  # the case has duplicates
+    np.testing.assert_array_equal(np.concatenate(g.calls), expected)  # each distinct subset once, in order
+    assert g.n_evaluations == len(expected)
+
+
+class CopyCounting:
+    copies = 0
+
+    def get_params(self, deep=True):
+        return {"a": 1}
+
+    def fit(self, X, y):
+        return self
+
+    def __copy__(self):
+        CopyCounting.copies += 1
+        new = CopyCounting.__new__(CopyCounting)
+        new.__dict__.update(self.__dict__)
+        return new
+
+
+def test_plain_copies_are_clones_and_custom_copy_protocols_are_kept():
+    from sklearn.linear_model import LogisticRegression
+
+    template = LogisticRegression(C=0.3, max_iter=7)
+    make = U._plain_copier(template)
+    a, b = make(), make()
+    assert a is not b and a is not template and type(a) is LogisticRegression
+    assert a.get_params() == template.get_params() and not hasattr(a, "_sklearn_version")
+    a.fit(np.r_[np.zeros((3, 2)), np.ones((3, 2))], [0, 0, 0, 1, 1, 1])
+    assert hasattr(a, "coef_") and not hasattr(b, "coef_") and not hasattr(template, "coef_")
+    CopyCounting.copies = 0
+    U._plain_copier(CopyCounting())()
+    assert CopyCounting.copies == 1  # a class with its own __copy__ gets copy.copy, not a bare __dict__ copy
+    u = copy.copy(ModelUtility(template, SupervisedScorer("accuracy", problem()[1])))
+    assert u._fresh_model() is not template and u._fresh_model().get_params() == template.get_params()
