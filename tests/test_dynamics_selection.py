@@ -141,9 +141,9 @@ def test_stacked_selection_refuses_what_it_cannot_stack():
 
 
 # ---- the job -------------------------------------------------------------------------------------------------------
-def test_selection_map_job_in_miniature(tmp_path):
+def test_selection_map_job_in_miniature(tmp_path, monkeypatch):
     """`+debug=fast`: 3 seeds x 2 methods, the IL model on one batch; every output exists and agrees with the
-    per-checkpoint states it was computed from."""
+    per-checkpoint states it was computed from. A rerun in the same directory with another K reuses the runs."""
     s = run_job(tmp_path, ["+experiment=dynamics_selection", "+debug=fast"])
     run = Path(s["run_dir"])
     tables = sorted(run.glob("runs/*/seed*/weight_stats.parquet"))
@@ -170,6 +170,17 @@ def test_selection_map_job_in_miniature(tmp_path):
     assert (run / "selection_map.png").stat().st_size > 5000
     assert (run / "selection_map.md").read_text().strip() == sm.markdown(d)
     assert s["time/wall_clock_s"] < 20, s  # ~9 s here
+
+    import datamatters.tasks.dynamics_selection as job
+
+    def no_training(*args):
+        raise AssertionError("the finished runs should have been reused")
+
+    monkeypatch.setattr(job, "train_method", no_training)
+    again = run_job(tmp_path, ["+experiment=dynamics_selection", "+debug=fast", "dynamics.k=1"])
+    d1 = json.loads((run / "selection_map.json").read_text())
+    assert again["hmm/k"] == 1 and d1["hmm"]["k"] == 1 and d1["methods"]["uniform"]["occupancy"] == [1.0]
+    assert d1["methods"]["uniform"]["test_acc"] == d["methods"]["uniform"]["test_acc"]  # carried from the first run
 
 
 def test_selection_map_job_refuses_bad_task(tmp_path):

@@ -60,6 +60,7 @@ class HMMOptions:
     alpha: float = 0.05
     importance_offset: int = 0
     max_plot_runs: int = 12
+    figures: bool = True
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HMMOptions":
@@ -143,8 +144,8 @@ def analyse_runs(runs: str | Path | Sequence[str | Path], out_dir: str | Path,
         "dropped_runs": rs.dropped,
     })
 
-    # figures
-    figs = {
+    # figures (off: the numbers and tables only, e.g. under +debug=fast where drawing them is most of the time)
+    figs = {} if not opts.figures else {
         "selection": plots.plot_selection(sel.by_k, sel.k_bic, out / "selection.png"),
         "training_map": plots.plot_training_map(params.transmat, counts, occ, mean_fv, out / "training_map.png",
                                                 detour=list(corr.loc[corr["detour"], "state"])),

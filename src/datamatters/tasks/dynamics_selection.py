@@ -66,6 +66,33 @@ def train_method(cfg: DictConfig, dm, method: str, t: dict, il, out: Path, devic
             "train_seconds": seconds, "seed_steps_per_s": len(t["seeds"]) * trainer.step_count / seconds}
 
 
+def training_key(cfg: DictConfig, method: str, t: dict) -> str:
+    """What a method's runs depend on: data, model, optimiser, selection, IL model, seeds, length, cadence."""
+    from datamatters.artifacts import config_hash
+
+    part = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("data", "model", "optimizer", "selection",
+                                                                      "irreducible")}
+    part.update(method=method, **{k: t[k] for k in ("seeds", "epochs", "record_every")})
+    return config_hash(part)
+
+
+def trained_or_train(cfg: DictConfig, dm, method: str, t: dict, il, out: Path, device: str) -> dict:
+    """A method's finished runs in ``out/<method>`` are reused when made with the same settings (a rerun in the
+    same run dir, e.g. with another ``dynamics.k``, only redoes the analysis); otherwise they are trained."""
+    from datamatters.artifacts import write_json
+
+    key, done = training_key(cfg, method, t), out / method / "training.json"
+    if done.is_file():
+        prev = json.loads(done.read_text())
+        if prev.get("key") == key and all((out / method / f"seed{s}" / "weight_stats.parquet").is_file()
+                                          for s in t["seeds"]):
+            print(f"reusing the {method} runs in {out / method} (same settings)")
+            return prev["result"]
+    result = train_method(cfg, dm, method, t, il, out, device)
+    write_json(done, {"key": key, "result": result})
+    return result
+
+
 def irreducible_losses(cfg: DictConfig, ctx, dm, methods):
     """IL of target-train for the methods that need it (as ``task=rho`` gets it), else None."""
     import torch
@@ -105,7 +132,7 @@ def run(cfg: DictConfig) -> dict:
         dm.setup()
         il, il_meta = irreducible_losses(cfg, ctx, dm, t["methods"])
         runs = ctx.run_dir / "runs"
-        trained = {m: train_method(cfg, dm, m, t, il, runs, device) for m in t["methods"]}
+        trained = {m: trained_or_train(cfg, dm, m, t, il, runs, device) for m in t["methods"]}
         make_loggers(ctx)
         metrics, artifacts = analyse_runs(runs, ctx.run_dir, hmm_opts)
 
