@@ -84,3 +84,20 @@ def test_local_workers_outlive_a_fit_and_read_each_fits_payload():
     second.close()
     assert [s for _, s in again] == [-1, 0, 1, 2, 3, 4]
     assert os.getpid() not in {p for p, _ in out + again}
+
+
+def test_prestarted_workers_are_the_ones_a_fit_uses():
+    """prestart (the job calls it before loading data) starts the pool that fits then use: same processes (a pool
+    started with other settings would be replaced by loky, its imports lost)."""
+    import os
+
+    from datamatters.valuation.parallel import make_executor, prestart
+
+    assert prestart(1) == []  # serial: nothing to start
+    warm = {f.result(timeout=300) for f in prestart(2)}
+    ex = make_executor(2)
+    ex.bind(0)
+    pids = set(ex._pool._processes)
+    used = {p for p, _ in ex.map(_pid_and_sum, range(8))}
+    ex.close()
+    assert warm and warm <= pids and used <= pids and os.getpid() not in pids

@@ -239,6 +239,10 @@ def run(cfg: DictConfig) -> dict:
     v = _vcfg(cfg)
     with job(cfg, cfg.task.get("job_type", "valuation")) as ctx:
         make_loggers(ctx)
+        if not v.dask_address and v.method != "knn_shapley":  # local workers import (seconds) while data loads
+            from datamatters.valuation.parallel import prestart
+
+            prestart(v.n_jobs)
         train, test, evald, gidx, corrupted, dm = load_problem(cfg, v)
         method, data = build_method(cfg, v, dm, train, test)
         result_path = ctx.run_dir / "valuation_result.npz"

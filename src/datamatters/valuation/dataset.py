@@ -65,7 +65,10 @@ class Dataset:
         return np.flatnonzero(sel[self.group_of_row])
 
     def data(self, players=None) -> tuple[Any, Any]:
-        """``(x, y)`` of the rows of ``players``."""
+        """``(x, y)`` of the rows of ``players``; all of them (None): the arrays themselves, not a copy (scorers
+        keep the test set, and a worker payload would ship it twice)."""
+        if players is None:
+            return self.x, self.y
         r = self.rows(players)
         return self.x[r], self.y[r]
 

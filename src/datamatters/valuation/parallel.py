@@ -23,6 +23,7 @@ import numpy as np
 from datamatters.errors import UserError
 
 _WORKER_PAYLOADS: dict[str, Any] = {}
+_IDLE_TIMEOUT_S = 600  # loky stops idle workers after this; the same value everywhere, or loky restarts the pool
 
 
 def _run_in_worker(token: str, path: str, fn: Callable, item: Any):
@@ -81,7 +82,7 @@ class LokyExecutor(SerialExecutor):
         fd, self._path = tempfile.mkstemp(prefix="datamatters-valuation-", suffix=".pkl")
         with os.fdopen(fd, "wb") as f:
             cloudpickle.dump(payload, f, protocol=5)
-        self._pool = get_reusable_executor(max_workers=self.n_workers, timeout=600)
+        self._pool = get_reusable_executor(max_workers=self.n_workers, timeout=_IDLE_TIMEOUT_S)
 
     def map(self, fn, items):
         if self._pool is None:
@@ -147,6 +148,30 @@ def resolve_n_jobs(n_jobs: int | None) -> int:
 
         n = max(cpu_count() + 1 + n, 1)
     return n
+
+
+def _warm_up() -> int:
+    """Worker side of ``prestart``: the imports every valuation task needs."""
+    import os
+
+    import sklearn.base  # noqa: F401
+
+    import datamatters.valuation  # noqa: F401
+
+    return os.getpid()
+
+
+def prestart(n_jobs: int | None) -> list:
+    """Start the local worker pool now without waiting for it: each worker spends seconds importing numpy,
+    scikit-learn and this package, which then overlaps what the caller does before its first fit (a job loads its
+    data). Returns the warm-up futures (their results are the worker pids); nothing for one worker."""
+    n = resolve_n_jobs(n_jobs)
+    if n == 1:
+        return []
+    from joblib.externals.loky import get_reusable_executor
+
+    pool = get_reusable_executor(max_workers=n, timeout=_IDLE_TIMEOUT_S)
+    return [pool.submit(_warm_up) for _ in range(n)]
 
 
 def make_executor(n_jobs: int | None = 1, dask_address: Any = None) -> SerialExecutor:
