@@ -61,9 +61,12 @@ def subset_keys(masks: np.ndarray) -> list[bytes]:
 def _distinct(masks: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Rows of the first occurrence of each distinct subset, in their original order (so that warm starts see the
     same sequence), and for every row the position of its subset among them; (None, None) when all differ."""
-    if len(masks) <= 16 and len({m.tobytes() for m in masks}) == len(masks):  # a TMC step: a set beats a sort
-        return None, None
+    if len(masks) <= 16:  # a TMC step: a set of the rows beats packing and sorting
+        if len({m.tobytes() for m in masks}) == len(masks):
+            return None, None
     packed = np.ascontiguousarray(np.packbits(masks, axis=1))
+    if len({row.tobytes() for row in packed}) == len(masks):  # the usual case: faster than sorting
+        return None, None
     keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     if len(first) == len(masks):
@@ -276,8 +279,11 @@ class Utility:
         shape = (B,) if self.n_outputs is None else (B, self.n_outputs)
         if B == 1 and self.cache is None:  # one subset (a TMC step): nothing to deduplicate
             return self._compute_many(masks).reshape(shape) if masks.any() else np.full(shape, self.default)
+        filled = masks.any(1)
+        if self.cache is None and filled.all() and _distinct(masks)[0] is None:  # the usual batch: as it is
+            return self._compute_many(masks).reshape(shape)
         out = np.full(shape, self.default, dtype=float)
-        nonempty = np.flatnonzero(masks.any(1))
+        nonempty = np.flatnonzero(filled)
         if len(nonempty) == 0:
             return out
         sub = masks if len(nonempty) == B else masks[nonempty]
