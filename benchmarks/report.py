@@ -453,6 +453,16 @@ def render_dynamics() -> str:
     return table(["what", "measured", "reference / goal"], rows) + "\n\n_From `benchmarks/results/dynamics_*.json`._"
 
 
+def render_dynamics_selection() -> str:
+    """The training map of data selection: ``datamatters.dynamics.selection_map.markdown`` of the job's results JSON."""
+    d = load("dynamics_selection.json")
+    if d is None:
+        return missing("dynamics_selection.json")
+    from datamatters.dynamics.selection_map import markdown
+
+    return markdown(d)
+
+
 def _rho_table_module():
     """benchmarks/rho_speedup_table.py (stdlib only): the selection benchmark's own block and goals."""
     import importlib.util
@@ -555,6 +565,7 @@ SECTIONS: dict[str, Callable[[], str]] = {
     "influence": render_influence,
     "influence_methods": render_influence_methods,
     "dynamics": render_dynamics,
+    "dynamics_selection": render_dynamics_selection,
     "rho_speedup": render_rho_speedup,
     "rho_throughput": render_rho_throughput,
     "attribution": render_attribution,

@@ -49,6 +49,21 @@ def test_compare_finds_the_skipped_state_and_exact_statistics():
     assert back["skipped_states"] == [] and back["added_states"] == [1]
 
 
+def test_markdown_shows_the_maps_numbers():
+    maps = {"u": sm.method_map(U, [STEPS] * 2, 3), "r": sm.method_map(R, [STEPS] * 2, 3)}
+    d = {"methods": maps, "setting": {"methods": ["u", "r"], "description": "toy"}, "state_order": [0, 1, 2],
+         "hmm": {"k": 3, "k_bic": 2, "k_max": 4, "covariance_type": "full", "restarts": 1, "normalize": "global",
+                 "n_runs": 4, "n_test_runs": 1, "test_ll_per_sample": 1.0},
+         "comparisons": [sm.compare("u", "r", maps, {"u": U, "r": R}, 3, n_perm=10)]}
+    md = sm.markdown(d)
+    assert "| 1 | 40.0%, 2/2 | 0.0%, 0/2 |" in md
+    assert "| u | 2 | 35 (35, 30–40) | 2: 2 | n/a | n/a | n/a |" in md
+    assert "| 0 | 0.33 / 0.40 | 0.67 / 0.00 | 0.00 / 0.60 |" in md
+    assert "| 1 |  | 0.50 / n/a | 0.50 / n/a |" in md and "| 2 | 0.00 / 0.33 |  | 1.00 / 0.67 |" in md
+    assert "states skipped (visited by u runs only): 1; added (visited by r runs only): none" in md
+    assert "K=3 set; BIC chose 2" in md and "total-variation distance 0.400" in md
+
+
 def test_permutation_p_separates_only_different_groups():
     same = [np.array([0, 1, 1])] * 6
     assert sm.occupancy_tv(same, same, 2) == 0 and sm.permutation_p(same, same, 2, n_perm=50) == 1.0

@@ -208,6 +208,18 @@ def _p(v) -> str:
     return NA if v is None else (f"{v:.2g}" if v >= 1e-3 else f"{v:.1e}")
 
 
+def _comparison_line(c: dict) -> str:
+    skip = ", ".join(map(str, c["skipped_states"])) or "none"
+    add = ", ".join(map(str, c["added_states"])) or "none"
+    low = [s for s, p in enumerate(c["visit_fisher_p"]) if p < 0.05]
+    return (f"- **{c['method']} vs {c['reference']}**: states skipped (visited by {c['reference']} runs only): {skip}; "
+            f"added (visited by {c['method']} runs only): {add}; states whose share of visiting runs differs "
+            f"(Fisher p < 0.05): {', '.join(map(str, low)) or 'none'}; occupancy total-variation distance "
+            f"{c['occupancy_tv']:.3f} (permutation p = {_p(c['occupancy_tv_p'])}, {c['n_perm']} label shuffles); "
+            f"steps to the final state {c['convergence_step_diff_mean']:+.0f} on average (Mann-Whitney p = "
+            f"{_p(c['convergence_mannwhitney_p'])}).")
+
+
 def markdown(d: dict) -> str:
     """The README block of a results JSON written by ``tasks/dynamics_selection.py``."""
     methods, k = _methods(d), d["hmm"]["k"]
@@ -233,22 +245,20 @@ def markdown(d: dict) -> str:
             vals = [mm[m]["transmat"][i][j] for m in methods]
             cells.append(" / ".join(NA if v is None else f"{v:.2f}" for v in vals) if any(vals) else "")
         trans.append(f"| {i} | " + " | ".join(cells) + " |")
-    notes = []
-    for c in d["comparisons"]:
-        skip = ", ".join(map(str, c["skipped_states"])) or "none"
-        add = ", ".join(map(str, c["added_states"])) or "none"
-        low = [s for s, p in enumerate(c["visit_fisher_p"]) if p < 0.05]
-        notes.append(
-            f"- **{c['method']} vs {c['reference']}**: states skipped (visited by {c['reference']} runs only): {skip}; "
-            f"added (visited by {c['method']} runs only): {add}; states whose share of visiting runs differs "
-            f"(Fisher p < 0.05): {', '.join(map(str, low)) or 'none'}; occupancy total-variation distance "
-            f"{c['occupancy_tv']:.3f} (permutation p = {_p(c['occupancy_tv_p'])}, {c['n_perm']} label shuffles); "
-            f"steps to the final state {c['convergence_step_diff_mean']:+.0f} on average (Mann-Whitney p = "
-            f"{_p(c['convergence_mannwhitney_p'])}).")
+    notes = [_comparison_line(c) for c in d["comparisons"]]
+    for k2, other in sorted(d.get("also_k", {}).items(), key=lambda kv: int(kv[0])):
+        occ = "; ".join(f"{m}: " + ", ".join(f"{s}: {_pct(other['methods'][m]['occupancy'][s])} "
+                                            f"({other['methods'][m]['visited_runs'][s]} runs)"
+                                            for s in other["state_order"]) for m in methods)
+        notes.append(f"- *The same runs at K={k2}* (held-out log-likelihood per checkpoint "
+                     f"{other['hmm']['test_ll_per_sample']:.2f} vs {d['hmm']['test_ll_per_sample']:.2f} at K={k}): "
+                     f"occupancy (runs visiting) {occ}.")
+        notes += ["  " + _comparison_line(c) for c in other["comparisons"]]
     h, s = d["hmm"], d["setting"]
+    chosen = "by BIC" if k == h["k_bic"] else f"set; BIC chose {h['k_bic']}"
     caption = (f"_From `benchmarks/results/dynamics_selection.json`: {s['description']}. One Gaussian HMM over all "
-               f"{h['n_runs']} runs (K={k} by BIC of K = 1..{h['k_max']}, {h['covariance_type']} covariance, "
+               f"{h['n_runs']} runs (K={k} {chosen} of K = 1..{h['k_max']}, {h['covariance_type']} covariance, "
                f"{h['restarts']} restarts, {h['normalize']} z-scoring; held-out runs {h['n_test_runs']}). "
-               f"Transition cells: {' / '.join(methods)}. {d.get('note', '')}_")
+               f"Transition cells: {' / '.join(methods)} (blank: never observed). {d.get('note', '')}_")
     return "\n".join(["\n".join(lines), "", "\n".join(per), "", "\n".join(trans), "", "\n".join(notes), "",
                       caption.replace(" _", "_")])
