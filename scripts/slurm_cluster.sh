@@ -139,16 +139,17 @@ start() {
   log "up: node $NODE idle, SLURM_CONF=$CONF"
 }
 
-stop_pid() {  # stop_pid NAME PIDFILE: TERM, then KILL after 10 s
-  local name="$1" file="$2" pid
-  [[ -f "$file" ]] || return 0
-  pid="$(cat "$file")"
-  if kill -0 "$pid" 2>/dev/null; then
-    kill -TERM "$pid" 2>/dev/null || true
+stop_pids() {  # stop_pids PIDFILE...: TERM to all at once (each daemon takes ~2 s to exit), KILL after 10 s
+  local file pid pids=()
+  for file in "$@"; do  # read every pid first: a daemon may remove its own pid file as it exits
+    pid="$(cat "$file" 2>/dev/null || true)"
+    [[ -n "$pid" ]] && kill -TERM "$pid" 2>/dev/null && pids+=("$pid")
+  done
+  for pid in "${pids[@]}"; do
     for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$pid" 2>/dev/null && { log "$name ($pid) ignored TERM; killing"; kill -KILL "$pid" 2>/dev/null || true; }
-  fi
-  rm -f "$file"
+    kill -0 "$pid" 2>/dev/null && { log "pid $pid ignored TERM; killing"; kill -KILL "$pid" 2>/dev/null || true; }
+  done
+  rm -f "$@"
 }
 
 stop() {
@@ -156,9 +157,7 @@ stop() {
     scancel --full --quiet --user="$(id -un)" >/dev/null 2>&1 || true
     for _ in $(seq 30); do [[ -z "$(squeue -h -o %i 2>/dev/null)" ]] && break; sleep 0.5; done
   fi
-  stop_pid slurmd "$STATE/slurmd.pid"
-  stop_pid slurmctld "$STATE/slurmctld.pid"
-  stop_pid munged "$MUNGE_DIR/munged.pid"
+  stop_pids "$STATE/slurmd.pid" "$STATE/slurmctld.pid" "$MUNGE_DIR/munged.pid"
   log "stopped"
 }
 
