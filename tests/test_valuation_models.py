@@ -9,6 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.naive_bayes import GaussianNB
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.tree import DecisionTreeClassifier
+from threadpoolctl import threadpool_limits
 
 from datamatters.errors import UserError
 from datamatters.valuation import (
@@ -25,6 +26,14 @@ from datamatters.valuation import (
 from datamatters.valuation.classwise import ClasswiseShapleyValuation
 from datamatters.valuation.data_oob import DataOOBValuation
 from datamatters.valuation.scorers import ClasswiseScorer
+
+
+@pytest.fixture(autouse=True)
+def _one_blas_thread():
+    """scikit-learn's fits on small data run fastest on one BLAS thread; with two, the suite's two workers
+    oversubscribe the 2 cores (test_coefficients_equal_sklearn[1.0]: 12.6 s -> 1 s here)."""
+    with threadpool_limits(1):
+        yield
 
 
 def toy(n=30, n_test=40, seed=0, classes=3):
