@@ -59,6 +59,16 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_blas_thread():
+    """The same for numpy/scikit-learn's BLAS: two xdist workers with two BLAS threads each oversubscribe 2 cores
+    (a scikit-learn fit test took 12.6 s instead of 1 s). Tests that compare thread counts set their own limits."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (--dist loadgroup) every test on the one-node SLURM cluster runs on the same worker: the
