@@ -35,7 +35,8 @@ def reread(d: dict) -> dict:
     """What the map at another K says: per method occupancy, runs visiting, steps to the final state; the
     comparisons."""
     keep = ("occupancy", "visited_runs", "final_state_runs", "convergence_step")
-    return {"hmm": {k: d["hmm"][k] for k in ("k", "test_ll_per_sample")}, "state_order": d["state_order"],
+    return {"hmm": {k: d["hmm"][k] for k in ("k", "test_ll_per_sample", "features", "state_means")},
+            "state_order": d["state_order"],
             "methods": {m: {k: v[k] for k in keep} for m, v in d["methods"].items()},
             "comparisons": d["comparisons"]}
 

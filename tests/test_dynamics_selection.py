@@ -57,7 +57,7 @@ def test_markdown_shows_the_maps_numbers():
          "comparisons": [sm.compare("u", "r", maps, {"u": U, "r": R}, 3, n_perm=10)]}
     md = sm.markdown(d)
     assert "| 1 | 40.0%, 2/2 | 0.0%, 0/2 |" in md
-    assert "| u | 2 | 35 (35, 30–40) | 2: 2 | n/a | n/a | n/a |" in md
+    assert "| u | 2 | 35 (35, 30–40) | 2: 2 | n/a | n/a | n/a | n/a |" in md
     assert "| 0 | 0.33 / 0.40 | 0.67 / 0.00 | 0.00 / 0.60 |" in md
     assert "| 1 |  | 0.50 / n/a | 0.50 / n/a |" in md and "| 2 | 0.00 / 0.33 |  | 1.00 / 0.67 |" in md
     assert "states skipped (visited by u runs only): 1; added (visited by r runs only): none" in md
@@ -178,6 +178,8 @@ def test_selection_map_job_in_miniature(tmp_path, monkeypatch):
         assert mm["n_checkpoints"] == len(mine) == 3 * len(pd.read_parquet(tables[0]))
         assert mm["occupancy"] == pytest.approx(np.bincount(mine["state"], minlength=k) / len(mine))
         assert 0 <= mm["test_acc"]["mean"] <= 1 and 0 <= mm["selected_corrupted_frac"] <= 1
+        last = [g.sort_values("step")["train_loss"].iloc[-1] for _, g in mine.groupby("run")]
+        assert mm["final_train_loss"]["mean"] == pytest.approx(np.mean(last))
     c = d["comparisons"][0]
     assert (c["reference"], c["method"]) == ("uniform", "reducible_loss") and 0 < c["occupancy_tv_p"] <= 1
     assert s["map/occupancy_tv"] == pytest.approx(c["occupancy_tv"])

@@ -230,12 +230,14 @@ def markdown(d: dict) -> str:
         lines.append(f"| {s} | " + " | ".join(f"{_pct(mm[m]['occupancy'][s])}, {mm[m]['visited_runs'][s]}/"
                                               f"{mm[m]['n_runs']}" for m in methods) + " |")
     per = ["| method | runs | steps to the final state: mean (median, range) | final states (runs) | "
-           "val acc at the end | test acc | corrupted share of trained-on points |", "|---|---|---|---|---|---|---|"]
+           "loss on the noisy target-train at the end | val acc at the end | test acc | corrupted share of "
+           "trained-on points |", "|---|---|---|---|---|---|---|---|"]
     for m in methods:
         c = mm[m]["convergence_step"]
         finals = ", ".join(f"{s}: {n}" for s, n in enumerate(mm[m]["final_state_runs"]) if n)
         per.append(f"| {m} | {mm[m]['n_runs']} | {c['mean']:.0f} ({c['median']:.0f}, {c['min']:.0f}–{c['max']:.0f}) "
-                   f"| {finals} | {_num(mm[m].get('final_val_acc', {}).get('mean'), '{:.3f}')} | "
+                   f"| {finals} | {_num(mm[m].get('final_train_loss', {}).get('mean'), '{:.3f}')} | "
+                   f"{_num(mm[m].get('final_val_acc', {}).get('mean'), '{:.3f}')} | "
                    f"{_num(mm[m].get('test_acc', {}).get('mean'), '{:.3f}')} | "
                    f"{_pct(mm[m].get('selected_corrupted_frac'))} |")
     trans = ["| from \\ to | " + " | ".join(str(s) for s in d["state_order"]) + " |", "|---" * (k + 1) + "|"]

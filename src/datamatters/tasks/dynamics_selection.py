@@ -145,6 +145,10 @@ def run(cfg: DictConfig) -> dict:
             g = [d.sort_values("step") for _, d in sp[sp["method"] == m].groupby("run", sort=True)]
             paths[m], steps[m] = [d["state"].to_numpy() for d in g], [d["step"].to_numpy() for d in g]
         maps = {m: sm.method_map(paths[m], steps[m], k) for m in t["methods"]}
+        for m in t["methods"]:  # from the tables, so a rerun that reuses the runs has it too
+            last = [pd.read_parquet(runs / m / f"seed{x}" / "weight_stats.parquet")["train_loss"].iloc[-1]
+                    for x in t["seeds"]]
+            maps[m]["final_train_loss"] = sm.summary_stats(last)
         for m, tr in trained.items():
             maps[m].update(test_acc=sm.summary_stats(tr["test_acc"]),
                            final_val_acc=sm.summary_stats(tr["final_val_acc"]),
@@ -161,8 +165,9 @@ def run(cfg: DictConfig) -> dict:
                     "covariance_type": hmm_opts.covariance_type, "restarts": hmm_opts.restarts,
                     "normalize": hmm_opts.normalize, "n_runs": metrics["hmm/n_runs"],
                     "n_test_runs": metrics["hmm/n_test_runs"], "test_ll_per_sample": metrics["hmm/test_ll_per_sample"],
-                    "select_seconds": metrics["hmm/select_seconds"],
-                    "transmat": np.asarray(chosen["transmat"]).tolist()},
+                    "select_seconds": metrics["hmm/select_seconds"], "n_fits_resumed": metrics["hmm/n_fits_resumed"],
+                    "transmat": np.asarray(chosen["transmat"]).tolist(), "features": chosen["features"],
+                    "state_means": np.load(chosen["model"])["means"].tolist()},  # z-scored feature means
             "state_order": order,
             "methods": maps, "comparisons": comparisons,
             "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
