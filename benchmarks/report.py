@@ -181,8 +181,9 @@ def render_datamodels() -> str:
                 acc.append(f"{sig(get(c, 'mean_lambdas_visited.ours'))} lambdas per target on average")
             rows.append([label, med_min(c.get("ours_cpu_s")), med_min(c.get("sklearn_cpu_s")),
                          extrap(shown, reg), "; ".join(acc) or NA])
+        basis = f" ({reg['ratio_basis']})" if reg.get("ratio_basis") else ""
         out.append(table([f"lasso path + validation + refit, {size} (CPU s, median (min))", "ours",
-                          "scikit-learn `lasso_path`", "ratio", "accuracy"], rows))
+                          "scikit-learn `lasso_path`", f"ratio{basis}", "accuracy"], rows))
         out.append(caption("datamodels_regression.json", reg))
     if tr is None:
         out.append(missing("datamodels_training.json"))
