@@ -232,8 +232,9 @@ def main() -> None:
         "protocol": ("CPU seconds (process_time), one thread per side (torch.set_num_threads(1); sklearn under "
                      "threadpool_limits(1)), sides alternating within each repetition (ours first, then sklearn "
                      "first), run under nice -n 10; ratios are min over repetitions vs min (the run least slowed "
-                     "by the other jobs), medians in the JSON. Shared machine: timings taken on a loaded shared 2-core machine "
-                     "(other jobs running: see loadavg), which inflates wall time far more than CPU time."),
+                     "by the other jobs), medians in the JSON. Shared machine: timings taken on a loaded shared "
+                     "2-core machine (other jobs running: see loadavg), which inflates wall time far more than CPU "
+                     "time."),
         "loadavg_1min_during": load,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
                     "torch": torch.__version__, "numpy": np.__version__},

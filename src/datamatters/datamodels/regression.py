@@ -656,8 +656,9 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
     path = {"lambdas": lambdas.double().cpu().numpy(), "val_mse": tracker.log_mse.numpy(),
             "nnz": tracker.log_nnz.numpy(), "iters": tracker.log_iter.numpy()}
     meta = {"start": start, "end": end, "n_train_models": len(tr), "n_val_models": len(va), "seed": seed,
-            "val_fraction": val_fraction, "k": k, "eps": eps, "patience": patience, "tol": tol, "solver": solver + ("-xform" if x_form else ""),
-            "refit": refit, "n_train": p, "block": block, "dtype": str(dtype).replace("torch.", ""), "unconverged_lambdas": tracker.unconverged,
+            "val_fraction": val_fraction, "k": k, "eps": eps, "patience": patience, "tol": tol,
+            "solver": solver + ("-xform" if x_form else ""), "refit": refit, "n_train": p, "block": block,
+            "dtype": str(dtype).replace("torch.", ""), "unconverged_lambdas": tracker.unconverged,
             "seconds": round(time.time() - t0, 3), "device": str(device)}
     return DatamodelFit(W=W_raw.cpu().numpy(), b=b.cpu().numpy(), lam=lam.double().cpu().numpy(),
                         lam_index=tracker.best_k.cpu().numpy(), val_mse=tracker.best_mse.cpu().numpy(),
