@@ -91,6 +91,26 @@ def test_path_val_mse_and_chosen_lambda_match_sklearn(patience):
         assert np.isnan(fit.path["val_mse"][-1]).any()  # early stopping skipped the end of some paths
 
 
+def test_many_targets_path_matches_sklearn():
+    """40 targets (the sweeps' no-skip branch; targets leave at different lambdas and rows are compacted): every
+    target's validation MSE path and early-stopped lambda equal sklearn's."""
+    X, Y, _ = _problem(N=300, p=25, T=40, noise=1.0, seed=4)
+    fit = fit_datamodels(X, Y, k=20, eps=1e-3, patience=3, tol=1e-11, max_iter=100000, dtype=F64, val_fraction=0.2)
+    tr, va = split_models(np.arange(len(X)), 0.2, 0)
+    sc = StandardScaler().fit(X[tr].astype(float))
+    Xt, Xv = sc.transform(X[tr].astype(float)), sc.transform(X[va].astype(float))
+    stops = set()
+    for t in range(Y.shape[1]):
+        ybar = Y[tr, t].astype(float).mean()
+        _, coefs, _ = lasso_path(Xt, Y[tr, t] - ybar, alphas=fit.path["lambdas"][:, t], tol=1e-12, max_iter=100000)
+        mse = ((Xv @ coefs + ybar - Y[va, t][:, None]) ** 2).mean(0)
+        assert fit.lam_index[t] == _patience_choice(mse, 3)
+        reached = ~np.isnan(fit.path["val_mse"][:, t])
+        np.testing.assert_allclose(fit.path["val_mse"][reached, t], mse[reached], rtol=2e-5)
+        stops.add(int(reached.sum()))
+    assert len(stops) > 3  # targets left the path at many different lambdas
+
+
 def test_few_models_x_form_matches_sklearn():
     """N < p / 3: the solver never forms the Gram matrix; same path, same chosen lambda as sklearn."""
     X, Y, _ = _problem(N=40, p=150, T=3, noise=0.3, seed=7)
