@@ -78,13 +78,23 @@ class TrakCfg:
 
 
 @dataclass
+class DampingSelect:
+    """``regularization: select`` rows: lambda = the grid factor x mean eigenvalue with the best LDS on ``points``
+    test points right after the scored ones (held out: never the scored points), same ground truth models."""
+    points: int = 100
+    grid: List[float] = field(default_factory=lambda: [0.01, 0.1, 0.3, 1.0, 3.0])
+
+
+@dataclass
 class AttributionSchema:
-    models: List[Any] = field(default_factory=list)        # [{label, name, ...model config}]
+    models: List[Any] = field(default_factory=list)        # [{label, name, train?, tracin_epochs?, ...model config}]
     methods: List[str] = field(default_factory=list)       # rows to run (influence keys, SPECIAL, GLOBAL)
     num_test: int = 100
     dtype: str = "float64"
     n_boot: int = 1000
     damping_factor: float = 0.1                            # lambda = factor x mean curvature eigenvalue
+    damping_select: DampingSelect = field(default_factory=DampingSelect)
+    max_epochs: Optional[int] = None                       # caps every model's epochs and TracIn epochs (debug runs)
     train: TrainRecipe = field(default_factory=TrainRecipe)
     ground_truth: GroundTruth = field(default_factory=GroundTruth)
     datamodels: DatamodelsCfg = field(default_factory=DatamodelsCfg)
@@ -109,6 +119,11 @@ def settings(cfg: DictConfig) -> DictConfig:
     labels = [m.label for m in s.models]
     if len(set(labels)) != len(labels):
         raise UserError(f"attribution.models labels must be unique, got {labels}")
+    for m in s.models:
+        extra = set(m.get("train") or {}) - RECIPE_KEYS
+        if extra:
+            raise UserError(f"attribution.models[{m.label}].train: unknown keys {sorted(extra)}; known: "
+                            f"{sorted(RECIPE_KEYS)}")
     known = set(s.influence) | set(SPECIAL) | set(GLOBAL)
     bad = [m for m in s.methods if m not in known]
     if bad:
@@ -116,10 +131,11 @@ def settings(cfg: DictConfig) -> DictConfig:
     if s.num_test < 1 or s.ground_truth.num_subsets < 3 or s.ground_truth.seeds < 1:
         raise UserError("attribution needs num_test >= 1, ground_truth.num_subsets >= 3 and ground_truth.seeds >= 1")
     # methods that need checkpoints or extra models: refused before any training, not after the ground truth
-    if "tracin" in s.methods and (not s.tracin_epochs or min(s.tracin_epochs) < 1
-                                  or max(s.tracin_epochs) > s.train.epochs):
-        raise UserError(f"TracIn needs the checkpoints saved during training: attribution.tracin_epochs must list "
-                        f"epochs in 1..{s.train.epochs} (attribution.train.epochs), got {list(s.tracin_epochs)}")
+    for m in s.models:
+        E, ep = int(recipe(s, m)["epochs"]), tracin_epochs(s, m)
+        if "tracin" in s.methods and (not ep or min(ep) < 1 or max(ep) > E):
+            raise UserError(f"TracIn needs the checkpoints saved during training: attribution.tracin_epochs must "
+                            f"list epochs in 1..{E} (the training epochs of {m.label}), got {ep}")
     if "trak" in s.methods and (not s.trak.checkpoints or min(s.trak.checkpoints) < 1 or not s.trak.projection_dims):
         raise UserError("TRAK needs independently trained checkpoints: attribution.trak.checkpoints must list counts "
                         f">= 1 and trak.projection_dims sizes, got {list(s.trak.checkpoints)} and "
@@ -129,19 +145,42 @@ def settings(cfg: DictConfig) -> DictConfig:
     if "datamodels" in s.methods and (not s.datamodels.sizes or min(s.datamodels.sizes) < 1):
         raise UserError(f"datamodels need subset models: attribution.datamodels.sizes must list model counts >= 1, "
                         f"got {list(s.datamodels.sizes)}")
+    if s.damping_select.points < 3 or not s.damping_select.grid or min(s.damping_select.grid) <= 0:
+        raise UserError("attribution.damping_select needs points >= 3 and a grid of positive factors, got "
+                        f"{s.damping_select.points} and {list(s.damping_select.grid)}")
     if s.dtype not in ("float32", "float64"):
         raise UserError(f"attribution.dtype must be float32 or float64, got {s.dtype!r}")
     return s
 
 
+RECIPE_KEYS = {"epochs", "batch_size", "lr", "weight_decay", "optimizer", "momentum"}
+
+
+def recipe(s: DictConfig, model) -> dict:
+    """The training recipe of one model: ``attribution.train`` updated by the model's own ``train`` entry (e.g. a
+    converging full-batch recipe for the convex logistic model). Ground truth, full model, extra subset models, TRAK members,
+    TracIn replays and utilities all train with it."""
+    own = OmegaConf.to_container(model.get("train"), resolve=True) if model.get("train") else {}
+    rec = {**OmegaConf.to_container(s.train, resolve=True), **own}
+    if s.max_epochs is not None:
+        rec["epochs"] = min(int(rec["epochs"]), int(s.max_epochs))
+    return rec
+
+
+def tracin_epochs(s: DictConfig, model) -> list[int]:
+    """The model's TracIn checkpoints (its own list, else ``attribution.tracin_epochs``), capped by max_epochs."""
+    ep = [int(e) for e in (model.get("tracin_epochs") or s.tracin_epochs)]
+    return sorted({min(e, int(s.max_epochs)) for e in ep}) if s.max_epochs is not None else ep
+
+
 # ---- ground truth ------------------------------------------------------------------------------------------------
-def _gt_meta(dm, label: str, model_cfg: dict, s: DictConfig, n_test: int) -> dict:
+def _gt_meta(dm, label: str, model_cfg: dict, s: DictConfig, n_test: int, rec: dict) -> dict:
     idx_te, lab_te = np.asarray(dm.split_indices("test"))[:n_test], np.asarray(dm.split_targets("test"))[:n_test]
     return {"kind": "attribution_ground_truth", "dataset": dm.name, "data_seed": dm.seed,
             "train_indices": array_checksum(np.asarray(dm.split_indices("train"))),
             "train_labels": array_checksum(np.asarray(dm.split_targets("train"))),
             "test_indices": array_checksum(idx_te), "test_labels": array_checksum(lab_te), "n_test": int(n_test),
-            "model": json.dumps(model_cfg, sort_keys=True), "recipe": json.dumps(dict(s.train), sort_keys=True),
+            "model": json.dumps(model_cfg, sort_keys=True), "recipe": json.dumps(rec, sort_keys=True),
             "alpha": float(s.ground_truth.alpha), "seeds": int(s.ground_truth.seeds), "seed": int(s.ground_truth.seed),
             "mask_mode": "fixed", "label": label}
 
@@ -152,15 +191,15 @@ def _gt_masks(n: int, g: DictConfig, rows) -> np.ndarray:
     return block_masks(n, float(g.alpha), int(g.seed), list(rows), mode="fixed")
 
 
-def ground_truth(path: Path, dm, label: str, model_cfg: dict, s: DictConfig, template, Xtr, ytr, Xte, yte,
-                 device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def ground_truth(path: Path, dm, label: str, model_cfg: dict, s: DictConfig, rec: dict, template, Xtr, ytr, Xte,
+                 yte, device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """(masks (M, n), margins (M, T_all), losses (M, T_all), seconds trained now): trains the missing rows."""
     from datamatters.datamodels import initialize_store, open_store, run_worker, standard_spec
     from datamatters.training.ensemble import losses, margins, predict_ensemble, train_ensemble
 
     g, n, T = s.ground_truth, len(ytr), len(yte)
     spec = standard_spec(int(g.num_subsets), n, T, outputs=("masks", "margins", "loss"),
-                         meta=_gt_meta(dm, label, model_cfg, s, T))
+                         meta=_gt_meta(dm, label, model_cfg, s, T, rec))
     if (path / "spec.json").is_file():
         on_disk = open_store(path, mode="r").spec
         if on_disk.meta.get("n_test") is not None and int(on_disk.meta["n_test"]) < T:
@@ -181,7 +220,7 @@ def ground_truth(path: Path, dm, label: str, model_cfg: dict, s: DictConfig, tem
         masks = _gt_masks(n, g, rows)
         ids = [r * S + k for r in rows for k in range(S)]
         params = train_ensemble(template, Xtr, ytr, np.repeat(masks, S, axis=0), seed=int(g.seed), model_ids=ids,
-                                device=device, **dict(s.train))
+                                device=device, **rec)
         logits = predict_ensemble(template, params, Xte.to(next(iter(params.values())).device))
         mg = margins(logits, yte).float().cpu().numpy().reshape(len(rows), S, T).mean(1)
         ls = losses(logits, yte).float().cpu().numpy().reshape(len(rows), S, T).mean(1)
@@ -193,7 +232,8 @@ def ground_truth(path: Path, dm, label: str, model_cfg: dict, s: DictConfig, tem
     return np.asarray(store["masks"]), np.asarray(store["margins"]), np.asarray(store["loss"]), secs
 
 
-def datamodels_store(path: Path, meta: dict, d: DictConfig, s: DictConfig, template, Xtr, ytr, Xte, yte, device):
+def datamodels_store(path: Path, meta: dict, d: DictConfig, s: DictConfig, rec: dict, template, Xtr, ytr, Xte, yte,
+                     device):
     """The extra subset models for the datamodels rows (one seed each, alpha of the ground truth); returns the
     store and the seconds per trained model (measured now, or recorded when the rows were trained)."""
     from datamatters.datamodels import BatchedSubsetTrainer, initialize_store, run_worker, standard_spec
@@ -203,7 +243,7 @@ def datamodels_store(path: Path, meta: dict, d: DictConfig, s: DictConfig, templ
                          meta={**meta, "kind": "attribution_datamodels", "seed": int(d.seed), "seeds": 1})
     store = initialize_store(path, spec, exist_ok=True)
     trainer = BatchedSubsetTrainer(template, Xtr, ytr, Xte, yte, alpha=float(s.ground_truth.alpha), seed=int(d.seed),
-                                   mode="fixed", device=device, **dict(s.train))
+                                   mode="fixed", device=device, **rec)
     timing = path.parent / "datamodels_timing.json"
     t = time.perf_counter()
     report = run_worker(store, trainer, range(N), block_size=int(d.block))
@@ -239,10 +279,13 @@ def _cached(path: Path, key: str, compute) -> list[dict]:
     return rows
 
 
-def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, out: Path, gt_root: Path) -> dict:
+def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, out: Path, gt_root: Path,
+              rec: dict | None = None, ckpts: list | None = None) -> dict:
     from datamatters.tasks import attribution_methods as am
     from datamatters.training.ensemble import train_ensemble
 
+    rec = rec or OmegaConf.to_container(s.train, resolve=True)
+    ckpts = list(ckpts or s.tracin_epochs)
     dtype = torch.float64 if s.dtype == "float64" else torch.float32
     device = "cuda" if torch.cuda.is_available() else None
     Xtr, ytr = _tensors(dm, "train")
@@ -253,20 +296,27 @@ def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, o
     if T > n_gt:
         raise UserError(f"attribution.num_test={T}, but the ground truth holds {n_gt} test points (the test split "
                         f"has {len(yte_all)}, ground_truth.n_test={s.ground_truth.n_test}); lower num_test")
+    H = int(s.damping_select.points)
+    if _selects(s) and T + H > n_gt:
+        raise UserError(f"damping chosen on held-out points (regularization: select) needs num_test + "
+                        f"damping_select.points = {T} + {H} test points in the ground truth, which holds {n_gt}; "
+                        "lower attribution.damping_select.points or raise ground_truth.n_test")
     template = build_network(OmegaConf.create(model_cfg), dm)
     out.mkdir(parents=True, exist_ok=True)
     seed = int(cfg.get("seed") or 0)
 
-    masks, mg, ls, gt_s = ground_truth(gt_root / label, dm, label, model_cfg, s, template, Xtr, ytr, Xte_all[:n_gt],
-                                       yte_all[:n_gt], device)
-    gt_key = config_hash({"meta": _gt_meta(dm, label, model_cfg, s, n_gt), "M": int(s.ground_truth.num_subsets)})
+    masks, mg, ls, gt_s = ground_truth(gt_root / label, dm, label, model_cfg, s, rec, template, Xtr, ytr,
+                                       Xte_all[:n_gt], yte_all[:n_gt], device)
+    gt_key = config_hash({"meta": _gt_meta(dm, label, model_cfg, s, n_gt, rec), "M": int(s.ground_truth.num_subsets)})
 
     t = time.perf_counter()
     full_params = train_ensemble(template, Xtr, ytr, np.ones((1, len(ytr)), bool), seed=seed, model_ids=[0],
-                                 device=device, **dict(s.train))
+                                 device=device, **rec)
     train_s = time.perf_counter() - t
-    p = am.Problem(label, template, Xtr, ytr, Xte_all[:T], yte_all[:T], dict(s.train), seed, dtype, None, train_s,
+    p = am.Problem(label, template, Xtr, ytr, Xte_all[:T], yte_all[:T], rec, seed, dtype, None, train_s,
                    masks, mg[:, :T].astype(np.float64), ls[:, :T].astype(np.float64), int(s.n_boot), device)
+    if _selects(s):
+        p.held_out = (Xte_all[T:T + H], yte_all[T:T + H], mg[:, T:T + H].astype(np.float64))
     p.full = p.network(full_params)
     with torch.no_grad():
         acc = float((p.full(p.Xte.to(dtype)).argmax(1) == p.yte).float().mean())
@@ -275,12 +325,12 @@ def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, o
     base = {"gt": gt_key, "seed": seed, "T": T, "dtype": s.dtype, "factor": float(s.damping_factor)}
     rows: list[dict] = []
     for name in s.methods:
-        key = config_hash({**base, "name": name, **_method_cfg(s, name)})
+        key = config_hash({**base, "name": name, **_method_cfg(s, name, rec, ckpts)})
         path = out / "rows" / f"{name}.json"
         path.parent.mkdir(exist_ok=True)
         if name == "datamodels":
-            store, per_model = datamodels_store(out / "datamodels_store", _gt_meta(dm, label, model_cfg, s, T),
-                                                s.datamodels, s, template, Xtr, ytr, p.Xte, p.yte, device)
+            store, per_model = datamodels_store(out / "datamodels_store", _gt_meta(dm, label, model_cfg, s, T, rec),
+                                                s.datamodels, s, rec, template, Xtr, ytr, p.Xte, p.yte, device)
             fit_kw = OmegaConf.to_container(s.datamodels.fit, resolve=True)
             rows += _cached(path, key, lambda: am.datamodels_rows(p, store, list(s.datamodels.sizes), per_model,
                                                                   fit_kw))
@@ -290,7 +340,7 @@ def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, o
                                                             float(s.damping_factor), int(s.trak.seed), g2,
                                                             tuple(s.trak.outputs)))
         elif name == "tracin":
-            rows += _cached(path, key, lambda: am.tracin_row(p, list(s.tracin_epochs)))
+            rows += _cached(path, key, lambda: am.tracin_row(p, ckpts))
         elif name == "graddot":
             rows += _cached(path, key, lambda: am.graddot_row(p))
         elif name == "knn_shapley":
@@ -299,18 +349,24 @@ def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, o
             rows += _cached(path, key, lambda: am.valuation_row(p, name, s.valuation.get(name), int(s.valuation_seed)))
         else:
             rows += _cached(path, key, lambda: am.influence_row(p, name, s.influence[name], float(s.damping_factor),
-                                                                  spectrum))
+                                                                  spectrum, list(s.damping_select.grid)))
     return {"rows": rows, "test_acc": acc, "spectrum": spectrum, "damping_rule": lam, "train_s": train_s,
             "ground_truth_train_s": gt_s, "n_train": int(len(ytr)), "n_test": T,
             "n_parameters": int(sum(v.numel() for v in p.full.parameters()))}
 
 
-def _method_cfg(s: DictConfig, name: str) -> dict:
-    node = {"datamodels": s.datamodels, "trak": s.trak, "tracin": s.tracin_epochs, "knn_shapley": s.knn_k}.get(name)
+def _selects(s: DictConfig) -> bool:
+    return any(s.influence[m].get("regularization") == "select" for m in s.methods if m in s.influence)
+
+
+def _method_cfg(s: DictConfig, name: str, rec: dict, ckpts: list) -> dict:
+    node = {"datamodels": s.datamodels, "trak": s.trak, "tracin": ckpts, "knn_shapley": s.knn_k}.get(name)
     if node is None:
         node = s.valuation.get(name) if name in GLOBAL else s.influence.get(name)
-    return {"cfg": OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node,
-            "recipe": OmegaConf.to_container(s.train)}
+    out = {"cfg": OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node, "recipe": rec}
+    if name in s.influence and s.influence[name].get("regularization") == "select":
+        out["select"] = OmegaConf.to_container(s.damping_select)
+    return out
 
 
 # ---- the job -----------------------------------------------------------------------------------------------------
@@ -345,10 +401,12 @@ def run(cfg: DictConfig) -> dict:
         gt_root = Path(s.ground_truth.store) if s.ground_truth.store else ctx.run_dir / "ground_truth"
         results, metrics, md = {}, {}, []
         for model_cfg in s.models:
+            rec, ckpts = recipe(s, model_cfg), tracin_epochs(s, model_cfg)
             model_cfg = OmegaConf.to_container(model_cfg, resolve=True)
-            label = model_cfg.pop("label")
-            res = run_model(label, model_cfg, cfg, s, dm, ctx.run_dir / "attribution" / label, gt_root)
-            results[label] = {"model": model_cfg, **res}
+            label, _ = model_cfg.pop("label"), model_cfg.pop("tracin_epochs", None)
+            own = model_cfg.pop("train", None)
+            res = run_model(label, model_cfg, cfg, s, dm, ctx.run_dir / "attribution" / label, gt_root, rec, ckpts)
+            results[label] = {"model": model_cfg, "train": rec, **({"own_recipe": own} if own else {}), **res}
             table = markdown_table(res["rows"], title=f"{dm.name} {label} ({res['n_parameters']} parameters, test acc "
                                                       f"{res['test_acc']:.3f})")
             (ctx.run_dir / "attribution" / label / "table.md").write_text(table + "\n")
@@ -362,6 +420,7 @@ def run(cfg: DictConfig) -> dict:
         (ctx.run_dir / "attribution.md").write_text("\n\n".join(md) + "\n")
         protocol = {"dataset": dm.name, "num_test": int(s.num_test), "ground_truth": OmegaConf.to_container(
             s.ground_truth), "train": OmegaConf.to_container(s.train), "damping_factor": float(s.damping_factor),
+            "damping_select": OmegaConf.to_container(s.damping_select),
             "lds": "Spearman per test point between sum of scores over a subset and the seed-averaged margin, mean "
                    "over test points, bootstrap 95% CI over test points; global values: one target (minus mean test "
                    "loss), CI over models",

@@ -4,7 +4,8 @@ network and the ground truth). Every runner returns rows for ``datamatters.evalu
 Damping (``damping_rule``): Kronfluence's default, ``factor * mean eigenvalue`` of the curvature (factor 0.1), with
 the Gauss-Newton curvature of the full-data model (dense when small, Hutchinson's trace estimate otherwise). TRAK's
 kernel is the projected empirical Fisher, whose mean eigenvalue is ``E||g||^2 / k``; DataInf keeps its own per-layer
-rule (``auto``). A number in a row's ``regularization`` overrides the rule; the table reports what was used.
+rule (``auto``). A number in a row's ``regularization`` overrides the rule; ``select`` picks the grid factor with
+the best LDS on held-out test points (never the scored ones); the table reports what was used.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ class Problem:
     gt_loss: np.ndarray           # (M, T) seed-averaged losses
     n_boot: int
     device: Any = None
+    held_out: Any = None          # (X, y, margins (M, H)): test points after the scored ones, for choosing damping
 
     def lds(self, scores) -> dict:
         s = np.asarray(scores, dtype=np.float64)
@@ -117,9 +119,11 @@ def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
-def influence_row(p: Problem, name: str, spec: DictConfig, factor: float, spectrum: dict) -> dict:
+def influence_row(p: Problem, name: str, spec: DictConfig, factor: float, spectrum: dict,
+                  grid: list[float] | None = None) -> dict:
     """One influence method on the full model; ``regularization: rule`` (default) is ``factor`` (or the row's own
-    ``factor``) times the mean curvature eigenvalue, a number is used as it is."""
+    ``factor``) times the mean curvature eigenvalue, a number is used as it is, ``select``: the factor of ``grid``
+    whose scores have the best LDS on ``p.held_out`` (each candidate fitted; all fits are charged)."""
     from datamatters.influence import METHODS
 
     spec = _plain(spec) or {}
@@ -131,23 +135,38 @@ def influence_row(p: Problem, name: str, spec: DictConfig, factor: float, spectr
     accepted = inspect.signature(cls.__init__).parameters
     kw = dict(spec.get("params") or {})
     reg = spec.get("regularization", "rule")
-    kw["regularization"] = float(spec.get("factor", factor)) * spectrum["mean"] if reg == "rule" else reg
+    if reg == "select":
+        if p.held_out is None or not grid:
+            raise UserError(f"attribution.influence.{name}: regularization=select needs held-out test points and "
+                            "attribution.damping_select.grid")
+        lams = [float(f) * spectrum["mean"] for f in grid]
+    else:
+        lams = [float(spec.get("factor", factor)) * spectrum["mean"] if reg == "rule" else reg]
     if "curvature" in accepted:
         kw["curvature"] = spec.get("curvature", "gauss_newton")
     if "block_structure" in accepted and spec.get("block_structure"):
         kw["block_structure"] = spec["block_structure"]
-    if method == "lissa" and spectrum.get("max") is not None and isinstance(kw["regularization"], (int, float)):
-        kw.setdefault("scale", 1.2 * (spectrum["max"] + kw["regularization"]))  # Neumann series must contract
-    model = copy.deepcopy(p.full)
-    try:
-        inf = cls(model, F.cross_entropy, **kw)
-    except TypeError as exc:
-        raise UserError(f"attribution.influence.{name}: {exc}") from exc
+    Xq, yq = p.Xte, p.yte
+    if len(lams) > 1:
+        Xq, yq = torch.cat([p.held_out[0], p.Xte]), torch.cat([p.held_out[1], p.yte])
+    H, fits, chosen = len(yq) - len(p.yte), [], None
     with Measure() as m:
-        inf.fit(p.data)
-        scores = inf.influences(p.Xte.to(p.dtype), p.yte, p.Xtr.to(p.dtype), p.ytr).cpu().numpy()
-    return row(name, p.lds(scores), m, trainings=1, grad_passes=1, damping=kw["regularization"],
-               train_s=p.train_s, curvature=kw.get("curvature"), family=spec.get("family"))
+        for lam in lams:
+            kw_l = {**kw, "regularization": lam}
+            if method == "lissa" and spectrum.get("max") is not None and isinstance(lam, (int, float)):
+                kw_l.setdefault("scale", 1.2 * (spectrum["max"] + lam))  # the Neumann series must contract
+            try:
+                inf = cls(copy.deepcopy(p.full), F.cross_entropy, **kw_l)
+            except TypeError as exc:
+                raise UserError(f"attribution.influence.{name}: {exc}") from exc
+            inf.fit(p.data)
+            S = inf.influences(Xq.to(p.dtype), yq, p.Xtr.to(p.dtype), p.ytr).cpu().numpy()
+            held = lds_from_scores(S[:H], p.gt_masks, p.held_out[2], n_boot=1)["mean"] if H else None
+            fits.append((held, lam, S[H:]))
+        chosen = max(fits, key=lambda f: f[0] if np.isfinite(f[0]) else -np.inf) if H else fits[0]
+    extra = {"held_out_lds": {f"{f[1]:.4g}": round(float(f[0]), 4) for f in fits}} if H else {}
+    return row(name, p.lds(chosen[2]), m, trainings=1, grad_passes=len(lams), damping=chosen[1],
+               train_s=p.train_s, curvature=kw.get("curvature"), family=spec.get("family"), **extra)
 
 
 def graddot_row(p: Problem) -> dict:
@@ -291,7 +310,8 @@ def valuation_row(p: Problem, name: str, spec: DictConfig, seed: int) -> dict:
     train = Dataset(p.Xtr.numpy(), p.ytr.numpy())
     test = Dataset(p.Xte.numpy(), p.yte.numpy())
     n_classes = int(max(int(p.ytr.max()), int(p.yte.max())) + 1)
-    recipe = {k: p.recipe[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "optimizer")}
+    recipe = {k: p.recipe[k] for k in ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "momentum")
+              if k in p.recipe}
 
     def utility():
         scorer = SupervisedScorer("neg_log_loss", test, default=-math.log(n_classes))

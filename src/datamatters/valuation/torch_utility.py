@@ -27,7 +27,7 @@ class TorchUtility(Utility):
 
     def __init__(self, model, scorer, *, epochs: int = 20, batch_size: int = 32, lr: float = 1e-2,
                  optimizer: str = "adam", weight_decay: float = 0.0, seed: int = 0, device: str | None = None,
-                 max_models: int = 256, **kw):
+                 max_models: int = 256, momentum: float = 0.0, **kw):
         super().__init__(scorer, **kw)
         import torch
 
@@ -35,7 +35,7 @@ class TorchUtility(Utility):
             raise UserError(f"TorchUtility needs a torch.nn.Module, got {type(model).__name__}")
         self.model = model
         self.train_kw = dict(epochs=int(epochs), batch_size=int(batch_size), lr=float(lr), optimizer=optimizer,
-                             weight_decay=float(weight_decay), seed=int(seed))
+                             weight_decay=float(weight_decay), seed=int(seed), momentum=float(momentum))
         self.device, self.max_models = device, int(max_models)
 
     @property
