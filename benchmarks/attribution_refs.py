@@ -62,8 +62,11 @@ def load_problem(run: Path, label: str):
 
     cfg = OmegaConf.load(run / "config.yaml")
     s = job.settings(cfg)
-    model_cfg = next(OmegaConf.to_container(m, resolve=True) for m in s.models if m.label == label)
-    model_cfg.pop("label")
+    entry = next(m for m in s.models if m.label == label)
+    rec = job.recipe(s, entry)  # the model's own recipe (e.g. the converged logistic's), else attribution.train
+    model_cfg = OmegaConf.to_container(entry, resolve=True)
+    for k in ("label", "train", "tracin_epochs"):
+        model_cfg.pop(k, None)
     dm = build_datamodule(cfg)
     Xtr, ytr = job._tensors(dm, "train")
     Xte_all, yte_all = job._tensors(dm, "test")
@@ -71,16 +74,16 @@ def load_problem(run: Path, label: str):
     n_gt = len(yte_all) if s.ground_truth.n_test is None else min(int(s.ground_truth.n_test), len(yte_all))
     template = build_network(OmegaConf.create(model_cfg), dm)
     gt_root = Path(s.ground_truth.store) if s.ground_truth.store else run / "ground_truth"
-    masks, mg, ls, gt_s = job.ground_truth(gt_root / label, dm, label, model_cfg, s, template, Xtr, ytr,
+    masks, mg, ls, gt_s = job.ground_truth(gt_root / label, dm, label, model_cfg, s, rec, template, Xtr, ytr,
                                            Xte_all[:n_gt], yte_all[:n_gt])
     if gt_s != 0:
         raise SystemExit(f"the ground-truth store {gt_root / label} was incomplete; finish the job first")
     seed = int(cfg.get("seed") or 0)
     dtype = torch.float64 if s.dtype == "float64" else torch.float32
     t = time.perf_counter()
-    full = train_ensemble(template, Xtr, ytr, np.ones((1, len(ytr)), bool), seed=seed, model_ids=[0], **dict(s.train))
+    full = train_ensemble(template, Xtr, ytr, np.ones((1, len(ytr)), bool), seed=seed, model_ids=[0], **rec)
     train_s = time.perf_counter() - t
-    p = am.Problem(label, template, Xtr, ytr, Xte_all[:T], yte_all[:T], dict(s.train), seed, dtype, None, train_s,
+    p = am.Problem(label, template, Xtr, ytr, Xte_all[:T], yte_all[:T], rec, seed, dtype, None, train_s,
                    masks, mg[:, :T].astype(np.float64), ls[:, :T].astype(np.float64), int(s.n_boot), None)
     p.full = p.network(full)
     spectrum = am.curvature_spectrum(p.full, p.data)
@@ -90,7 +93,7 @@ def load_problem(run: Path, label: str):
             job_rows[r["method"]] = r
     return p, s, spectrum, job_rows, {"n_train": len(ytr), "n_test": T, "M": int(masks.shape[0]),
                                       "n_parameters": int(sum(v.numel() for v in p.full.parameters())),
-                                      "model": model_cfg, "recipe": dict(s.train)}
+                                      "model": model_cfg, "recipe": rec}
 
 
 def lds(p, scores) -> dict:
@@ -174,7 +177,7 @@ def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outpu
     rows = []
     for output, k in [(o, k) for o in outputs for k in dims]:
         g2 = am.mean_sq_grad_norm(p.full, p.Xtr.to(p.dtype), p.ytr, am.OUTPUTS[output])
-        lam = float(s.damping_factor) * g2 / k
+        lam = float(s.damping_factor if s.trak.get("damping_factor") is None else s.trak.damping_factor) * g2 / k
         mo, mr, so, sr = alternate(lambda: ours_trak(p, members, k, lam, output),
                                    lambda: traker_trak(p, members, k, counts), reps)
         tag = "trak" if output == "loss" else f"trak-{output}"

@@ -249,3 +249,11 @@ def test_a_models_own_recipe_keys_its_store_and_max_epochs_caps_it(tmp_path):
     run_job(tmp_path / "a", base)
     with pytest.raises(UserError, match="other masks, data or model.*'recipe'"):
         run_job(tmp_path / "c", base + [own.replace("[5,8]", "[4,8]")])
+
+
+def test_trak_damping_factor_of_its_own(tmp_path):
+    """attribution.trak.damping_factor=0 is traker's lambda_reg = 0 (like for like); null follows the job's rule."""
+    base = TINY + ["attribution.methods=[trak]", "attribution.trak.checkpoints=[1]", "attribution.trak.projection_dims=[16]"]
+    zero = _results(run_job(tmp_path / "a", base + ["attribution.trak.damping_factor=0"]))["models"]["logistic"]["rows"]
+    rule = _results(run_job(tmp_path / "b", base))["models"]["logistic"]["rows"]
+    assert zero[0]["damping"] == 0.0 and rule[0]["damping"] > 0 and zero[0]["lds"] != rule[0]["lds"]

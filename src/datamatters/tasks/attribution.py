@@ -75,6 +75,7 @@ class TrakCfg:
     projection_dims: List[int] = field(default_factory=lambda: [64, 512])
     seed: int = 3
     outputs: List[str] = field(default_factory=lambda: ["loss"])  # loss | margin (TRAK's margin + Q re-weighting)
+    damping_factor: Optional[float] = None  # null: attribution.damping_factor; 0: traker's lambda_reg = 0
 
 
 @dataclass
@@ -337,7 +338,8 @@ def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, o
         elif name == "trak":
             g2 = {o: am.mean_sq_grad_norm(p.full, p.Xtr.to(dtype), p.ytr, am.OUTPUTS[o]) for o in s.trak.outputs}
             rows += _cached(path, key, lambda: am.trak_rows(p, list(s.trak.checkpoints), list(s.trak.projection_dims),
-                                                            float(s.damping_factor), int(s.trak.seed), g2,
+                                                            float(s.damping_factor if s.trak.damping_factor is None
+                                                                  else s.trak.damping_factor), int(s.trak.seed), g2,
                                                             tuple(s.trak.outputs)))
         elif name == "tracin":
             rows += _cached(path, key, lambda: am.tracin_row(p, ckpts))
