@@ -85,13 +85,13 @@ def test_debug_fast_wins_over_the_experiment_when_given_after_it():
 def test_every_experiment_is_listed():
     from conftest import CONFIG_DIR
 
-    listed = set(ATTRIBUTION_SHRUNK) | set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | NOT_YET_SHRUNK | set(INFLUENCE_RUNS) | {"digits_valuation"} | set(DYNAMICS_RUNS)
+    listed = set(ATTRIBUTION_SHRUNK) | set(RUNS_HERE) | {"mnist1d_irred", "mnist1d_main"} | set(DATA_ABSENT) | SHRUNK_TESTED_ELSEWHERE | set(INFLUENCE_RUNS) | {"digits_valuation"} | set(DYNAMICS_RUNS)
     assert listed == {p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")}
 
 
 # Jobs not run here: digits_datamodels is shrunk by configs/debug/fast.yaml and run by its own test
 # (tests/test_datamodels_jobs.py::test_debug_fast_shrinks_the_whole_datamodels_job).
-NOT_YET_SHRUNK = {"digits_datamodels"}
+SHRUNK_TESTED_ELSEWHERE = {"digits_datamodels"}
 
 
 # Dynamics jobs: under fast_dev_run each merges its task config's `debug` fragment (one batch would record one row per
