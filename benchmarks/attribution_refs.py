@@ -9,7 +9,9 @@ sides explain exactly the job's models. Timings cover only the attribution work 
 scores; the model trainings are shared and not charged), alternating ours/reference per repetition, one thread.
 
     make bench-env-attribution      # .venv-attr-refs: this package + traker + kronfluence (their own venv)
-    .venv-attr-refs/bin/python benchmarks/attribution_refs.py --run outputs/attr_full/digits [--models logistic mlp]
+    .venv-attr-refs/bin/python benchmarks/attribution_refs.py --run outputs/attr_conv/digits [--models logistic mlp]
+    # TRAK like for like with traker's lambda_reg=0 (no reproduction check: the job's rows use its damping rule)
+    .venv-attr-refs/bin/python benchmarks/attribution_refs.py --run ... --parts trak --trak-damping-factor 0 --out X
 
 Rows (per model):
 * TRAK, ``c`` members at projection ``k``: ours (``TrakInfluence``, lambda = factor x E||Pg||^2) with loss gradients
@@ -23,7 +25,8 @@ Rows (per model):
   Scores: ``g_test^T (F + lambda)^-1 g_train`` with loss gradients on both sides; agreement = Pearson over the whole
   test x train matrix.
 
-Writes ``benchmarks/results/attribution_refs.json``.
+Writes ``benchmarks/results/attribution_refs.json`` (``--out``); a model's entry names its run (``run``, ``tag``),
+other models already in the file are kept.
 """
 from __future__ import annotations
 
@@ -168,7 +171,8 @@ def traker_trak(p, members, k: int, counts: list[int]):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outputs: list[str]) -> list[dict]:
+def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outputs: list[str],
+                      factor: float | None = None) -> list[dict]:
     from datamatters.tasks import attribution_methods as am
 
     C = max(counts)
@@ -177,7 +181,9 @@ def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outpu
     rows = []
     for output, k in [(o, k) for o in outputs for k in dims]:
         g2 = am.mean_sq_grad_norm(p.full, p.Xtr.to(p.dtype), p.ytr, am.OUTPUTS[output])
-        lam = float(s.damping_factor if s.trak.get("damping_factor") is None else s.trak.damping_factor) * g2 / k
+        if factor is None:  # the job's own rule
+            factor = float(s.damping_factor if s.trak.get("damping_factor") is None else s.trak.damping_factor)
+        lam = factor * g2 / k
         mo, mr, so, sr = alternate(lambda: ours_trak(p, members, k, lam, output),
                                    lambda: traker_trak(p, members, k, counts), reps)
         tag = "trak" if output == "loss" else f"trak-{output}"
@@ -274,31 +280,38 @@ def markdown(res: dict) -> str:
 
     lines = ["| model | method | ours: LDS | reference: LDS | ours s | reference s | goal |", "|---" * 7 + "|"]
     for label, rec in res["models"].items():
+        name = f"{label} ({rec['tag']})" if rec.get("tag") else label
         timing = {r["method"].replace(" timing", ""): r for r in rec["rows"] if " timing (" in r["method"]}
         for r in rec["rows"]:
             m = r["method"]
             if m.startswith("trak") and "ours" in r:
                 t = timing[m.rsplit("-", 1)[0] + " (" + m.split("(")[1]]
-                lines.append(f"| {label} | {m} vs traker | {r['ours']['lds']:.3f} | {r['traker']['lds']:.3f} | "
+                lines.append(f"| {name} | {m} vs traker | {r['ours']['lds']:.3f} | {r['traker']['lds']:.3f} | "
                              f"{min(t['ours_s']):.3g} (all {t['members']} members) | {min(t['traker_s']):.3g} | "
                              f"LDS not below traker - 0.02: {yn(r['goal_not_below_traker_by_0.02'])}; "
                              f"2x faster: {t['speedup_min']}x, {yn(t['goal_2x'])} |")
             elif m.startswith("ekfac (") and "ours" in r:
-                lines.append(f"| {label} | {m} vs kronfluence, damping {r['damping']:.3g} | "
+                lines.append(f"| {name} | {m} vs kronfluence, damping {r['damping']:.3g} | "
                              f"{r['ours']['lds']:.3f} | {r['kronfluence']['lds']:.3f} | {min(r['ours']['s']):.3g} | "
                              f"{min(r['kronfluence']['s']):.3g} | Pearson {r['pearson']:.4f} >= 0.99: "
                              f"{yn(r['goal_pearson_0.99'])}; no slower: {r['speedup_min']}x, "
                              f"{yn(r['goal_no_slower'])} |")
             elif m.startswith("ekfac (kronfluence"):
-                lines.append(f"| {label} | kronfluence EK-FAC, its own damping | - | {r['kronfluence']['lds']:.3f} | "
+                lines.append(f"| {name} | kronfluence EK-FAC, its own damping | - | {r['kronfluence']['lds']:.3f} | "
                              f"- | {min(r['kronfluence']['s']):.3g} | (the number a kronfluence user gets) |")
-    runs = [r["protocol"] for r in res.get("runs", [])] or [res["protocol"]]
-    reps = "/".join(str(r.get("trak_reps", r["reps"])) + "+" + str(r["reps"]) for r in runs)
+    runs = res.get("runs") or [{"protocol": res["protocol"], "machine": res["machine"]}]
+    def load(r) -> str:
+        la = (r.get("machine") or {}).get("loadavg_1min_start")
+        return "load not recorded" if la is None else f"load average {la:.1f} at start"
+
+    per = "; ".join(f"{'/'.join(r.get('models', [])) or 'run'}: repetitions "
+                    f"{r['protocol'].get('trak_reps', r['protocol']['reps'])}+{r['protocol']['reps']}, {load(r)}"
+                    for r in runs)
     return "\n".join(lines) + (f"\n\n_From `benchmarks/results/attribution_refs.json` (traker "
                                f"{res['versions']['traker']}, kronfluence {res['versions']['kronfluence']}, torch "
-                               f"{res['versions']['torch']}; 1 thread; seconds: min over TRAK+EK-FAC repetitions "
-                               f"{reps} (per run, ours/reference alternating), attribution work only; a shared "
-                               f"2-core machine under load)._")
+                               f"{res['versions']['torch']}; 1 thread on a shared {res['machine']['cpus']}-core "
+                               f"machine; seconds: min over TRAK+EK-FAC repetitions, ours/reference alternating, "
+                               f"attribution work only; {per})._")
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -314,6 +327,10 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=["trak", "ekfac"], choices=["trak", "ekfac"])
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--note", default="")
+    ap.add_argument("--tag", default="", help="a short name for the model's run/recipe, shown in the table")
+    ap.add_argument("--trak-damping-factor", type=float, default=None,
+                    help="our TRAK's damping factor instead of the run's (0 = traker's lambda_reg=0); the rows "
+                         "then differ from the job's, so the reproduction check is skipped")
     ap.add_argument("--markdown", action="store_true", help="print the README table of --out and exit")
     a = ap.parse_args()
     if a.markdown:
@@ -337,16 +354,22 @@ def main() -> None:
            "models": dict(prev.get("models", {}))}
     for label in labels:
         p, s, spectrum, job_rows, info = load_problem(a.run, label)
-        rec = {"problem": info, "spectrum": spectrum, "rows": []}
+        rec = {"run": str(a.run), "tag": a.tag, "problem": info, "spectrum": spectrum, "rows": []}
         if "trak" in a.parts:
-            rec["rows"] += trak_side_by_side(p, s, a.trak_reps or a.reps, a.trak_counts, a.trak_dims, a.trak_outputs)
-            # the same models as the job: our TRAK here must reproduce the job's rows
+            rec["rows"] += trak_side_by_side(p, s, a.trak_reps or a.reps, a.trak_counts, a.trak_dims, a.trak_outputs,
+                                             a.trak_damping_factor)
+            # the same models as the job: our TRAK here must reproduce the job's rows (at the job's damping)
             for r in rec["rows"]:
-                if r["method"] in job_rows and "ours" in r:
+                if r["method"] in job_rows and "ours" in r and a.trak_damping_factor is None:
                     r["job_lds"] = round(job_rows[r["method"]]["lds"], 4)
                     assert abs(r["job_lds"] - r["ours"]["lds"]) < 1e-3, (r["method"], r["job_lds"], r["ours"]["lds"])
         if "ekfac" in a.parts:
             rec["rows"] += ekfac_side_by_side(p, s, spectrum, a.reps)
+            # the job's ``ekfac`` row is ours with the default (Gauss-Newton) Fisher at the same damping rule
+            ours_ggn = next(r for r in rec["rows"] if r["method"] == "ekfac (ggn)")
+            if "ekfac" in job_rows:
+                ours_ggn["job_lds"] = round(job_rows["ekfac"]["lds"], 4)
+                assert abs(ours_ggn["job_lds"] - ours_ggn["ours"]["lds"]) < 1e-3, (ours_ggn, job_rows["ekfac"])
         rec["machine_loadavg_1min_end"] = os.getloadavg()[0]
         res["models"][label] = rec
         a.out.parent.mkdir(parents=True, exist_ok=True)
