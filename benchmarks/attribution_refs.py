@@ -134,7 +134,7 @@ def ours_trak(p, members, k: int, lam: float, output: str):
     """The job's TRAK rows for 1..C members (running ensemble means; ``margin``: times the running mean of Q)."""
     from datamatters.tasks.attribution_methods import out_to_loss, trak_scores
 
-    mats = [trak_scores(p, copy.deepcopy(m), k, lam, c, output) for c, m in enumerate(members)]
+    mats = trak_scores(p, [copy.deepcopy(m) for m in members], k, lam, output)  # all members in one batched pass
     counts = np.arange(1, len(mats) + 1)[:, None, None]
     means = np.cumsum(mats, axis=0) / counts
     if output == "margin":

@@ -156,6 +156,52 @@ def test_datainf_and_trak_match_their_definitions(linear):
     assert _rel(tr.influences(Xt, Yt, X, Y), Phit @ torch.linalg.solve(K, Phi.T)) < 1e-10
 
 
+def test_trak_reuses_its_training_features_and_recomputes_other_points(linear):
+    X, Y, Xt, Yt = linear["X"], linear["Y"], linear["Xt"], linear["Yt"]
+    tr = TrakInfluence(linear["model"], F.mse_loss, regularization=LAM, projection_dim=10, seed=1).fit(linear["data"])
+    assert tr.stats["featurized_rows"] == N  # the fit featurizes the training set once
+    S = tr.influences(Xt, Yt, X, Y)
+    assert tr.stats["featurized_rows"] == N + len(Yt) and tr.stats["reused_train_features"] == 1
+    fresh = TrakInfluence(linear["model"], F.mse_loss, regularization=LAM, projection_dim=10, seed=1,
+                          cache_limit=0).fit(linear["data"])  # nothing kept: the training side is recomputed
+    assert torch.equal(S, fresh.influences(Xt, Yt, X, Y)) and fresh.stats["featurized_rows"] == 2 * N + len(Yt)
+    X2 = X.clone()
+    X2[0, 0] += 1.0  # other points (one number changed) are featurized, not mistaken for the training set
+    tr.influences(Xt, Yt, X2, Y)
+    assert tr.stats["featurized_rows"] == 2 * N + 2 * len(Yt) and tr.stats["reused_train_features"] == 1
+
+
+def test_trak_ensemble_equals_one_member_at_a_time():
+    from datamatters.influence.trak import trak_ensemble
+
+    g = torch.Generator().manual_seed(3)
+    X, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
+    Xt, yt = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    members = []
+    for c in range(4):
+        torch.manual_seed(10 + c)
+        members.append(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double())
+    seeds = [7, 8, 9, 11]
+    for proj in ("rademacher", "gaussian"):
+        S = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, projection_dim=6, regularization=0.05, seeds=seeds,
+                          projection=proj, chunk=200)  # chunk: 2 rows per gradient pass, exercising the chunking
+        assert S.shape == (4, 9, 40)
+        for c, m in enumerate(members):
+            one = TrakInfluence(m, F.cross_entropy, projection_dim=6, regularization=0.05, seed=seeds[c],
+                                projection=proj).fit([(X, y)]).influences(Xt, yt, X, y)
+            assert _rel(S[c], one) < 1e-12
+        assert _rel(S[0], S[1]) > 0.1  # members differ (a vmap that reused member 0 would fail above)
+        grouped = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, projection_dim=6, regularization=0.05,
+                                seeds=seeds, projection=proj, chunk=6 * 39 * 2)  # (k x p) x 2: two members per pass
+        assert _rel(grouped, S) < 1e-12
+    with pytest.raises(UserError, match="one seed per model"):
+        trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, seeds=[1])
+    with pytest.raises(UserError, match="share one architecture"):
+        trak_ensemble([members[0], nn.Linear(5, 3).double()], F.cross_entropy, X, y, Xt, yt, projection_dim=6)
+    with pytest.raises(UserError, match="singular"):
+        trak_ensemble(members, F.cross_entropy, X[:3], y[:3], Xt, yt, projection_dim=6)
+
+
 def test_block_structures_and_per_block_regularization(linear):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(D, 3), nn.Tanh(), nn.Linear(3, M)).double()

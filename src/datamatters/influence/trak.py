@@ -9,14 +9,18 @@ TRAK with loss gradients (the orientation and units of the other methods); TRAK'
 trained models is done by averaging the score matrices of several fitted instances.
 
 ``regularization`` is added to the *mean* ``Phi^T Phi / n`` like every other method here (TRAK's ``lambda`` on
-the sum is ``n`` times larger).
+the sum is ``n`` times larger). ``fit`` keeps the training features (when small), so ``influences`` against the
+same training points does not recompute them. ``trak_ensemble`` scores many independently trained members in one
+``vmap`` over their stacked parameters (the same numbers as one ``TrakInfluence`` per member, without the
+per-member overhead).
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
 from datamatters.errors import UserError
 from datamatters.influence.base import InfluenceModel, reject_options
@@ -24,6 +28,22 @@ from datamatters.influence.functional import split_batch
 
 PROJECTIONS = ("rademacher", "gaussian")
 _COLS = 1 << 16  # parameters per generated column block of P
+
+
+def projection_block(k: int, seed: int, j: int, start: int, stop: int, projection: str, dtype, device) -> Tensor:
+    """Columns ``start:stop`` (block ``j``) of the (k, p) projection of ``seed``: generated from ``(seed, j)``."""
+    gen = torch.Generator(device="cpu").manual_seed(1_000_003 * seed + j)
+    shape = (k, stop - start)
+    if projection == "rademacher":
+        P = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(dtype) * 2 - 1
+    else:
+        P = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    return (P / k ** 0.5).to(device)
+
+
+def projection_matrix(k: int, p: int, seed: int, projection: str, dtype, device) -> Tensor:
+    return torch.cat([projection_block(k, seed, j, s, min(s + _COLS, p), projection, dtype, device)
+                      for j, s in enumerate(range(0, p, _COLS))], dim=1)
 
 
 class TrakInfluence(InfluenceModel):
@@ -48,22 +68,14 @@ class TrakInfluence(InfluenceModel):
         return self.k
 
     # ---- the projection ------------------------------------------------------------------------------------
-    def _columns(self, j: int, stop: int) -> Tensor:
-        gen = torch.Generator(device="cpu").manual_seed(1_000_003 * self.seed + j)
-        shape = (self.k, stop - j * _COLS)
-        if self.projection == "rademacher":
-            P = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(self.fn.dtype) * 2 - 1
-        else:
-            P = torch.randn(shape, generator=gen, dtype=torch.float64).to(self.fn.dtype)
-        return (P / self.k ** 0.5).to(self.fn.device)
-
     def _blocks_of_P(self):
         p = self.n_parameters
         if self._P is not None:
             yield 0, p, self._P
             return
         for j, s in enumerate(range(0, p, _COLS)):
-            yield s, min(s + _COLS, p), self._columns(j, min(s + _COLS, p))
+            yield s, min(s + _COLS, p), projection_block(self.k, self.seed, j, s, min(s + _COLS, p),
+                                                         self.projection, self.fn.dtype, self.fn.device)
 
     def projection_matrix(self) -> Tensor:
         """The whole (k, p) matrix (for perturbation influences and inspection)."""
@@ -71,6 +83,11 @@ class TrakInfluence(InfluenceModel):
 
     # ---- features ------------------------------------------------------------------------------------------
     def features(self, x: Tensor, y: Tensor) -> Tensor:
+        kept = getattr(self, "_train", None)
+        if kept is not None and kept[0].shape == x.shape and torch.equal(kept[0], x) and torch.equal(kept[1], y):
+            self.stats["reused_train_features"] += 1
+            return kept[2]
+        self.stats["featurized_rows"] += x.shape[0]
         out = []
         for s in range(0, x.shape[0], self.grad_chunk):
             G = self.fn.grads(x[s:s + self.grad_chunk], y[s:s + self.grad_chunk], chunk=self.grad_chunk)
@@ -87,18 +104,109 @@ class TrakInfluence(InfluenceModel):
     def _fit(self, data: Iterable) -> None:
         if self.k * self.n_parameters <= self.cache_limit:
             self._P = self.projection_matrix()
-        K, n = torch.zeros(self.k, self.k, dtype=self.fn.dtype, device=self.fn.device), 0
+        self._train = None
+        K, n, kept = torch.zeros(self.k, self.k, dtype=self.fn.dtype, device=self.fn.device), 0, []
         for batch in data:
             x, y = self.fn.prepare(*split_batch(batch))
             Phi = self.features(x, y)
             K += Phi.T @ Phi
             n += x.shape[0]
+            if kept is not None and (n * (self.k + x[0].numel() + 1) <= self.cache_limit):
+                kept.append((x, y, Phi))
+            else:
+                kept = None
         K = K / n + self.lam * torch.eye(self.k, dtype=K.dtype, device=K.device)
         L, info = torch.linalg.cholesky_ex(K)
         if int(info) != 0:
             raise UserError(f"TRAK kernel is singular (projection_dim={self.k} vs {n} training points); "
                             "set regularization > 0 or a smaller projection_dim")
         self._chol = L
+        if kept:  # the training features, for influences against the same points
+            self._train = tuple(torch.cat(t) for t in zip(*kept))
 
     def _solve(self, Phi: Tensor) -> Tensor:
         return torch.cholesky_solve(Phi.T, self._chol).T
+
+
+def trak_ensemble(models: Sequence[nn.Module], loss, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *,
+                  projection_dim: int = 512, regularization: float = 0.0, seeds: Sequence[int] | None = None,
+                  projection: str = "rademacher", chunk: int = 1 << 24) -> Tensor:
+    """(C, n_test, n_train) TRAK scores of each of the C same-architecture ``models`` (member c projected with
+    ``seeds[c]``, default c), equal to ``TrakInfluence(models[c], loss, seed=seeds[c]).fit([(x, y)])
+    .influences(x_test, y_test, x, y)``: per-example gradients of all members in one ``vmap`` over their stacked
+    parameters and buffers, projections, kernels and solves batched. ``chunk`` bounds the numbers held (per-example
+    gradients, projections): members go in groups when their projections exceed it."""
+    models = list(models)
+    if not models:
+        raise UserError("trak_ensemble needs at least one model")
+    seeds = list(range(len(models))) if seeds is None else [int(s) for s in seeds]
+    if len(seeds) != len(models):
+        raise UserError(f"trak_ensemble: {len(models)} models but {len(seeds)} seeds; give one seed per model")
+    k = int(projection_dim)
+    if k < 1:
+        raise UserError(f"projection_dim must be >= 1, got {projection_dim}")
+    if projection not in PROJECTIONS:
+        raise UserError(f"projection must be one of {PROJECTIONS}, got {projection!r}")
+    ref = models[0]
+    shapes = {n: t.shape for n, t in list(ref.named_parameters()) + list(ref.named_buffers())}
+    for m in models:
+        m.eval()
+        if {n: t.shape for n, t in list(m.named_parameters()) + list(m.named_buffers())} != shapes:
+            raise UserError("trak_ensemble: the models must share one architecture (same parameter names and shapes)")
+        bad = [n for n, t in m.named_parameters() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise UserError(f"a model has non-finite parameters ({', '.join(bad[:5])}): retrain it before TRAK")
+    names = [n for n, _ in ref.named_parameters()]
+    bnames = [n for n, _ in ref.named_buffers()]
+    first = next(ref.parameters())
+    dtype, device = first.dtype, first.device
+    p = sum(t.numel() for t in ref.parameters())
+
+    def prep(a, b, what):
+        a, b = torch.as_tensor(a).to(device), torch.as_tensor(b).to(device)
+        a = a.to(dtype) if a.is_floating_point() else a
+        b = b.to(dtype) if b.is_floating_point() else b
+        if a.dim() == 0 or b.dim() == 0 or a.shape[0] != b.shape[0]:
+            raise UserError(f"trak_ensemble ({what}): x has shape {tuple(a.shape)} and y {tuple(b.shape)}; they "
+                            "need the same number of rows")
+        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            raise UserError(f"trak_ensemble ({what}): inputs contain NaN or inf; remove or impute them")
+        return a, b
+
+    x, y = prep(x, y, "training side")
+    x_test, y_test = prep(x_test, y_test, "test side")
+    if x.shape[0] == 0:
+        raise UserError("trak_ensemble: no training points")
+
+    def example_loss(th, bf, x1, y1):
+        return loss(functional_call(ref, {**bf, **th}, (x1.unsqueeze(0),)), y1.unsqueeze(0))
+
+    g = vmap(vmap(grad(example_loss), in_dims=(None, None, 0, 0)), in_dims=(0, 0, None, None))
+    eye = float(regularization) * torch.eye(k, dtype=dtype, device=device)
+
+    def scores(group: list[nn.Module], group_seeds: list[int]) -> Tensor:
+        C = len(group)
+        theta = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in group]) for n in names}
+        bufs = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in group]) for n in bnames}
+        P = torch.stack([projection_matrix(k, p, s, projection, dtype, device) for s in group_seeds])  # (C, k, p)
+        rows = max(1, int(chunk) // (C * p))
+
+        def features(X, Y):
+            out = []
+            for s in range(0, X.shape[0], rows):
+                gs = g(theta, bufs, X[s:s + rows], Y[s:s + rows])
+                G = torch.cat([gs[n].reshape(C, gs[n].shape[1], -1) for n in names], dim=2).detach()
+                out.append(torch.bmm(G, P.transpose(1, 2)))
+            return torch.cat(out, dim=1) if out else torch.zeros(C, 0, k, dtype=dtype, device=device)
+
+        Phi, Phi_test = features(x, y), features(x_test, y_test)
+        if not (bool(torch.isfinite(Phi).all()) and bool(torch.isfinite(Phi_test).all())):
+            raise UserError("trak_ensemble: non-finite gradients (NaN or inf); check the inputs' scale and the models")
+        L, info = torch.linalg.cholesky_ex(Phi.transpose(1, 2) @ Phi / x.shape[0] + eye)
+        if bool((info != 0).any()):
+            raise UserError(f"TRAK kernel is singular (projection_dim={k} vs {x.shape[0]} training points); "
+                            "set regularization > 0 or a smaller projection_dim")
+        return torch.cholesky_solve(Phi_test.transpose(1, 2), L).transpose(1, 2) @ Phi.transpose(1, 2)
+
+    per = max(1, int(chunk) // (k * p))  # members per pass: their projections fit in the budget
+    return torch.cat([scores(models[i:i + per], seeds[i:i + per]) for i in range(0, len(models), per)])
