@@ -165,10 +165,12 @@ def test_trak_reuses_its_training_features_and_recomputes_other_points(linear):
     fresh = TrakInfluence(linear["model"], F.mse_loss, regularization=LAM, projection_dim=10, seed=1,
                           cache_limit=0).fit(linear["data"])  # nothing kept: the training side is recomputed
     assert torch.equal(S, fresh.influences(Xt, Yt, X, Y)) and fresh.stats["featurized_rows"] == 2 * N + len(Yt)
+    tr.feature_rows(X, Y).zero_()  # a caller writing into the rows it got does not change the kept features
+    assert torch.equal(tr.influences(Xt, Yt, X, Y), S) and tr.stats["reused_train_features"] == 3
     X2 = X.clone()
     X2[0, 0] += 1.0  # other points (one number changed) are featurized, not mistaken for the training set
     tr.influences(Xt, Yt, X2, Y)
-    assert tr.stats["featurized_rows"] == 2 * N + 2 * len(Yt) and tr.stats["reused_train_features"] == 1
+    assert tr.stats["featurized_rows"] == 2 * N + 3 * len(Yt) and tr.stats["reused_train_features"] == 3
 
 
 def test_trak_ensemble_equals_one_member_at_a_time():

@@ -86,7 +86,7 @@ class TrakInfluence(InfluenceModel):
         kept = getattr(self, "_train", None)
         if kept is not None and kept[0].shape == x.shape and torch.equal(kept[0], x) and torch.equal(kept[1], y):
             self.stats["reused_train_features"] += 1
-            return kept[2]
+            return kept[2].clone()  # a copy: callers (feature_rows, numpy views) may write into it
         self.stats["featurized_rows"] += x.shape[0]
         out = []
         for s in range(0, x.shape[0], self.grad_chunk):
