@@ -6,7 +6,7 @@ variance ``1/k``), so ``E[P^T P] = I`` and inner products of projected gradients
 (Johnson-Lindenstrauss). ``P`` is generated in column blocks from ``(seed, block index)``, so it is the same
 matrix whatever the chunking, and is never stored whole for large models. This is the single-model form of
 TRAK with loss gradients (the orientation and units of the other methods); TRAK's ensembling over independently
-trained models is done by averaging the score matrices of several fitted instances.
+trained models is done by averaging the score matrices of the members (``trak_ensemble``).
 
 ``regularization`` is added to the *mean* ``Phi^T Phi / n`` like every other method here (TRAK's ``lambda`` on
 the sum is ``n`` times larger). ``fit`` keeps the training features (when small), so ``influences`` against the
@@ -62,6 +62,7 @@ class TrakInfluence(InfluenceModel):
         self.k, self.projection, self.seed, self.cache_limit = int(projection_dim), projection, int(seed), cache_limit
         self.lam = float(next(iter(self.regularization.values())))
         self._P: Tensor | None = None
+        self._train: tuple[Tensor, Tensor, Tensor] | None = None  # training (x, y, features) kept by fit
 
     @property
     def feature_dim(self) -> int:
@@ -83,7 +84,7 @@ class TrakInfluence(InfluenceModel):
 
     # ---- features ------------------------------------------------------------------------------------------
     def features(self, x: Tensor, y: Tensor) -> Tensor:
-        kept = getattr(self, "_train", None)
+        kept = self._train
         if kept is not None and kept[0].shape == x.shape and torch.equal(kept[0], x) and torch.equal(kept[1], y):
             self.stats["reused_train_features"] += 1
             return kept[2].clone()  # a copy: callers (feature_rows, numpy views) may write into it
@@ -111,7 +112,7 @@ class TrakInfluence(InfluenceModel):
             Phi = self.features(x, y)
             K += Phi.T @ Phi
             n += x.shape[0]
-            if kept is not None and (n * (self.k + x[0].numel() + 1) <= self.cache_limit):
+            if kept is not None and n * (self.k + x.shape[1:].numel() + y.shape[1:].numel()) <= self.cache_limit:
                 kept.append((x, y, Phi))
             else:
                 kept = None
