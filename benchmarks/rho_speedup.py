@@ -269,8 +269,8 @@ def merge(paths: list[str], dest: Path, extra: dict | None = None) -> None:
                                for c in sorted({r["cell"] for r in runs})}
     out.update(extra or {})
     out["cells_run"] = sorted({r["cell"] for r in runs})
-    out["cells_not_run"] = sorted(set(out["cells_requested"]) | {c for p in parts for c in p["cells_requested"]}
-                                  - set(out["cells_run"]))
+    requested = set(out["cells_requested"]) | {c for p in parts for c in p["cells_requested"]}
+    out["cells_not_run"] = sorted(requested - set(out["cells_run"]))
     out["cells_requested"] = sorted({c for p in parts for c in p["cells_requested"]})
     out["summary"] = {c: summarise([r for r in runs if r["cell"] == c]) for c in out["cells_run"]}
     out["seeds_per_cell"] = {c: sorted({r["seed"] for r in runs if r["cell"] == c}) for c in out["cells_run"]}
