@@ -148,7 +148,7 @@ def plot_selection_map(results: dict, paths: dict[str, Sequence[np.ndarray]], st
     import matplotlib.pyplot as plt
     from matplotlib.patches import FancyArrowPatch
 
-    from datamatters.dynamics.plots import state_colors
+    from datamatters.dynamics.plots import _save as save_figure, state_colors
 
     k, methods = results["hmm"]["k"], _methods(results)
     colors = state_colors(k)
@@ -187,12 +187,7 @@ def plot_selection_map(results: dict, paths: dict[str, Sequence[np.ndarray]], st
         ax2.set_xlim(grid[0], grid[-1])
     axes[1, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(f"one HMM (K={k}) over {sum(results['methods'][m]['n_runs'] for m in methods)} runs", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 # ---- README block ------------------------------------------------------------------------------------------------
