@@ -56,6 +56,8 @@ class IrreducibleSchema:
     batch_size: Optional[int] = None
     no_holdout: bool = False
     augment: bool = False
+    early_stopping_patience: Optional[int] = None
+    log_every_step: bool = True
 
 
 def register() -> None:
