@@ -81,9 +81,9 @@ def tmc_subsets(model, train, scorer) -> tuple[np.ndarray, int]:
     seen = []
 
     class Recording(dv.ModelUtility):
-        def _compute(self, masks):
+        def _compute_many(self, masks):  # every subset a fit trains, after empty/duplicate subsets are removed
             seen.append(np.array(masks))
-            return super()._compute(masks)
+            return super()._compute_many(masks)
 
     u = Recording(model, scorer, show_warnings=False)
     dv.TMCShapleyValuation(u, is_done=dv.MaxUpdates(8), seed=0, batch_size=4).fit(train)

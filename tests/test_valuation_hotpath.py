@@ -1,6 +1,7 @@
 """The per-evaluation path stays lean without losing a guarantee: the compute environment (BLAS thread limit,
 warning filter) is entered once per fit, not per subset, yet every fit runs inside it; duplicates are trained once,
-in first-occurrence order; shallow copies are used only where they are clones."""
+in first-occurrence order; shallow copies are used only where they are clones; the permutation walk gives the
+definition's prefix utilities; one subset per call scores, fails and counts exactly like a batch."""
 import copy
 import warnings
 
@@ -10,7 +11,10 @@ from threadpoolctl import threadpool_info, threadpool_limits
 
 import datamatters.valuation.utility as U
 from datamatters.valuation import Dataset, MaxUpdates, ModelUtility, SupervisedScorer, TMCShapleyValuation
+from datamatters.errors import UserError
 from datamatters.valuation.games import AdditiveGame
+from datamatters.valuation.samplers import RelativeTruncation
+from datamatters.valuation.semivalue import prefix_utilities
 
 
 class Majority:
@@ -177,3 +181,88 @@ def test_the_data_is_held_once_not_copied():
     assert train.data()[0] is train.x and np.array_equal(train.data([2, 0])[0], train.x[[0, 2]])
     u = ModelUtility(Majority(), scorer).with_dataset(train).worker_copy()
     assert u.data.x is train.x and u.scorer._X is test.x
+
+
+class TrainedSubsets(ModelUtility):
+    """Records the subsets each evaluate() call hands to the model (after empty/duplicate removal)."""
+
+    def _compute_many(self, masks):
+        self.trained.append(np.array(masks))
+        return super()._compute_many(masks)
+
+
+def walk(perms, utility, truncation, total):
+    """The definition, one prefix at a time: u(sigma[:k]) until the policy fires, constant afterwards."""
+    U = np.empty(perms.shape)
+    for b, p in enumerate(perms):
+        mask = np.zeros(perms.shape[1], bool)
+        for j, player in enumerate(p):
+            mask[player] = True
+            U[b, j] = utility.evaluate(mask[None])[0]
+            if truncation.fires(j + 1, U[b, j], len(p), total):
+                U[b, j + 1:] = U[b, j]
+                break
+    return U
+
+
+@pytest.mark.parametrize("block", [None, 1, 3])
+def test_prefix_walk_equals_the_definition_and_trains_no_subset_twice_per_call(block):
+    # 6 players, 12 permutations: prefixes of different permutations often hold the same set
+    train, test = problem(6)
+    u = TrainedSubsets(Majority(), SupervisedScorer("accuracy", test)).with_dataset(train)
+    u.trained = []
+    perms = np.argsort(np.random.default_rng(3).random((12, 6)), axis=1)
+    total = u.evaluate(np.ones((1, 6), bool))[0]
+    trunc = RelativeTruncation(0.05, 0.3)
+    expected = walk(perms, u, trunc, total)
+    u.trained = []
+    got = prefix_utilities(perms, u, trunc, total, block)
+    np.testing.assert_array_equal(got, expected)
+    assert (expected[:, 1:-1] == expected[:, -1:]).all(1).any()  # some permutations truncated early
+    assert all(len({m.tobytes() for m in call}) == len(call) for call in u.trained)  # each set once per call
+    burn_in = (np.argsort(perms, 1)[:, None, :] <= np.arange(2)[None, :, None]).reshape(-1, 6)
+    assert len({m.tobytes() for m in burn_in}) < len(burn_in)  # ...although the block repeats sets
+
+
+class Picky:
+    """Fails on a single point; the scorer below returns NaN when it predicts class 0."""
+
+    def get_params(self, deep=True):
+        return {}
+
+    def fit(self, X, y):
+        if len(y) < 2:
+            raise ValueError("needs two points")
+        self.c_ = np.bincount(y).argmax()
+        return self
+
+    def predict(self, X):
+        return np.full(len(X), self.c_)
+
+
+def nan_for_class_0(model, X, y):
+    return float("nan") if model.c_ == 0 else float(np.mean(model.predict(X) == y))
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_one_subset_per_call_equals_one_batch_with_failures_and_nans(grouped):
+    train, test = problem(12)
+    if grouped:
+        train = Dataset(train.x, train.y, groups=np.arange(12) // 2)
+    n = len(train)
+    masks = np.random.default_rng(4).random((40, n)) < 0.4
+    masks[:3] = np.eye(n, dtype=bool)[:3]  # single players: failed fits when ungrouped
+    masks = np.unique(masks[masks.any(1)], axis=0)  # distinct and non-empty: a batch trains each once as well
+    scorer = SupervisedScorer(nan_for_class_0, test, default=-1.0)
+    batch = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
+    one = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
+    expected = batch.evaluate(masks)
+    got = np.array([one.evaluate(m[None])[0] for m in masks])
+    np.testing.assert_array_equal(got, expected)
+    assert (one.n_evaluations, one.n_failed, one.n_nan) == (batch.n_evaluations, batch.n_failed, batch.n_nan)
+    assert one.n_nan > 0 and (one.n_failed > 0) == (not grouped)
+    strict = ModelUtility(Picky(), scorer, catch_errors=False).with_dataset(train)
+    bad = next(r for r in map(train.rows, masks) if len(r) > 1 and np.bincount(train.y[r]).argmax() == 0)
+    with pytest.raises(UserError, match=f"returned NaN for a subset of {len(bad)} points"):
+        strict.evaluate(np.isin(train.group_of_row, train.group_of_row[bad])[None] if not grouped else
+                        np.isin(np.arange(len(train)), np.unique(train.group_of_row[bad]))[None])

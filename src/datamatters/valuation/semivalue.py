@@ -14,6 +14,7 @@ Three evaluation strategies follow the sampler's kind:
 """
 from __future__ import annotations
 
+import functools
 import math
 import time
 
@@ -37,32 +38,58 @@ def importance_weights(coefficient: Coefficient | None, sampler: Sampler, n: int
     return np.exp(coefficient.log(n, k) - sampler.log_weight(n, k))
 
 
+@functools.lru_cache(maxsize=4)
+def _player_keys(n: int) -> np.ndarray:
+    """One random 64-bit key per player (fixed: they never touch the sampled permutations)."""
+    return np.random.default_rng(0x5E7).integers(0, 2**63, n, dtype=np.uint64)
+
+
+def _prefix_hashes(perms: np.ndarray) -> np.ndarray:
+    """A hash per prefix: the wrapping sum of its members' keys. Equal sets hash equal, so distinct hashes prove
+    distinct prefixes."""
+    return np.cumsum(_player_keys(perms.shape[1])[perms], axis=1, dtype=np.uint64)
+
+
 def prefix_utilities(perms: np.ndarray, utility: Utility, truncation, total: float | None,
                      block: int | None = None) -> np.ndarray:
     """u of every prefix of every permutation, (B, n), with pyDVL's truncation semantics (after a truncation
     the prefix utility stays constant). Positions that cannot truncate are evaluated in one block; afterwards
-    each step evaluates ``block`` positions of every running permutation (auto: fill the preferred batch)."""
+    each step evaluates ``block`` positions of every running permutation (auto: fill the preferred batch).
+
+    A step often evaluates one subset, so its bookkeeping is kept to a few array calls: the running
+    permutations' ranks are re-gathered only when one stops, truncation is checked on plain floats, and the
+    utility is told when the prefix hashes prove the step's subsets distinct (no duplicate search)."""
     B, n = perms.shape
     ranks = np.empty_like(perms)
     ranks[np.arange(B)[:, None], perms] = np.arange(n)[None, :]
     U = np.empty((B, n))
-    running = np.ones(B, bool)
+    hashes = _prefix_hashes(perms) if B > 1 else None
+    positions = np.arange(n)[:, None]
     first = min(n, truncation.first_possible(n))
+    rows, run_ranks, run_idx = list(range(B)), ranks, slice(None)  # the running permutations
     pos = 0
-    while pos < n and running.any():
-        rows = np.flatnonzero(running)
-        step = block or max(1, math.ceil(utility.preferred_batch / len(rows)))
+    while pos < n and rows:
+        m = len(rows)
+        step = block or max(1, math.ceil(utility.preferred_batch / m))
         end = first if pos < first else min(n, pos + step)
-        masks = ranks[rows][:, None, :] <= np.arange(pos, end)[None, :, None]
-        U[rows, pos:end] = utility._evaluate(masks.reshape(-1, n)).reshape(len(rows), end - pos)
-        live = np.ones(len(rows), bool)
-        for j in range(max(pos, first - 1), end):  # no truncation can fire before position first - 1
-            fire = live & truncation.check(j + 1, U[rows, j], n, total)
-            if fire.any():
-                r = rows[fire]
-                U[r, j + 1:] = U[r, j][:, None]
-                live &= ~fire
-        running[rows[~live]] = False
+        k = end - pos
+        masks = (run_ranks[:, None, :] <= positions[pos:end]).reshape(m * k, n)
+        distinct = m == 1 or len(set(hashes[run_idx, pos:end].ravel().tolist())) == m * k
+        vals = utility._evaluate(masks, distinct=distinct).reshape(m, k)
+        U[run_idx, pos:end] = vals
+        j0 = max(pos, first - 1)  # no truncation can fire before position first - 1
+        if j0 < end:
+            stopped = []
+            for i, (r, us) in enumerate(zip(rows, vals[:, j0 - pos:].tolist())):
+                for j, u in enumerate(us, j0 + 1):  # j: the prefix length
+                    if truncation.fires(j, u, n, total):
+                        U[r, j:] = u
+                        stopped.append(i)
+                        break
+            if stopped:
+                keep = [i for i in range(m) if i not in stopped]
+                rows = [rows[i] for i in keep]
+                run_ranks, run_idx = run_ranks[keep], np.asarray(rows, np.intp)
         pos = end
     return U
 

@@ -269,16 +269,17 @@ class Utility:
             raise UserError(f"subset masks must have shape (B, {len(self.data)}), got {masks.shape}")
         return self._evaluate(masks)
 
-    def _evaluate(self, masks: np.ndarray) -> np.ndarray:
+    def _evaluate(self, masks: np.ndarray, distinct: bool = False) -> np.ndarray:
         """``evaluate`` for masks the framework built itself (bound data, bool (B, n)): no input checks, and the
-        compute environment entered here only outside a session."""
+        compute environment entered here only outside a session. ``distinct``: the caller knows the subsets are
+        distinct and non-empty (a permutation's prefixes), so without a cache they go to the model as they are."""
         if not self._env_held:
             with compute_env(self):
-                return self._evaluate(masks)
+                return self._evaluate(masks, distinct)
         B = len(masks)
         shape = (B,) if self.n_outputs is None else (B, self.n_outputs)
-        if B == 1 and self.cache is None:  # one subset (a TMC step): nothing to deduplicate
-            return self._compute_many(masks).reshape(shape) if masks.any() else np.full(shape, self.default)
+        if self.cache is None and (distinct or (B == 1 and np.count_nonzero(masks))):  # nothing to deduplicate
+            return self._compute_many(masks).reshape(shape)
         filled = masks.any(1)
         if self.cache is None and filled.all() and _distinct(masks)[0] is None:  # the usual batch: as it is
             return self._compute_many(masks).reshape(shape)
@@ -321,8 +322,12 @@ class Utility:
             parts = self._executor.map(_compute_chunk, split(masks, 2 * self._executor.n_workers))
             scores = np.concatenate([np.asarray(p[0], float) for p in parts])
             status = np.concatenate([np.asarray(p[1]) for p in parts])
-        self.n_evaluations += len(masks)
-        if status.any():  # 0 = OK
+        return self._record(scores, status)
+
+    def _record(self, scores: np.ndarray, status: np.ndarray) -> np.ndarray:
+        """Count the evaluations; failed fits and NaN scores get ``default``, with one warning."""
+        self.n_evaluations += len(scores)
+        if np.count_nonzero(status):  # 0 = OK (count_nonzero: no Python wrapper, unlike .any())
             self.n_failed += int((status == FIT_FAILED).sum())
             self.n_nan += int((status == NAN_SCORE).sum())
             if self.show_warnings:  # one fixed text and place, so Python shows it once, not once per batch
@@ -465,33 +470,55 @@ class ModelUtility(Utility):
 
         return clone(self.model).set_params(warm_start=True)
 
+    def _compute_many(self, masks):
+        """One subset in this process (a TMC step, a user's ``u(S)``): fitted and scored inline, without the
+        batch's arrays (their fixed cost is several times the fit of a trivial model)."""
+        if len(masks) != 1 or self._executor is not None or self.n_outputs is not None:
+            return super()._compute_many(masks)
+        r = masks[0] if self.data.group_labels is None else masks[0][self.data.group_of_row]
+        score, status = self._fit_score(r)
+        if status == OK and score == score:  # not NaN
+            self.n_evaluations += 1
+            return np.array([score], float)
+        if status == OK:
+            status = self._nan_status(int(r.sum()))
+        return self._record(np.array([score], float), np.array([status], np.int8))
+
+    def _fit_score(self, r: np.ndarray) -> tuple[Any, int]:
+        """Fit a model on the rows ``r`` (a boolean mask, as ``X[S]`` would select them) and score it."""
+        try:
+            yr = self.data.y[r]
+            if self.warm_start:
+                model = self._model_for(yr)
+            elif self.clone_before_fit and self._copy is not None:
+                model = self._copy()
+            else:
+                model = self._fresh_model()
+            model.fit(self.data.x[r], yr)
+            score = self.scorer(model)
+        except Exception as exc:  # noqa: BLE001 - any fit/score error is the subset's, see catch_errors
+            self._warm = None
+            return 0.0, self._handle(exc, int(r.sum()))
+        if self.warm_start:
+            self._warm = model
+        return score, OK
+
+    def _nan_status(self, size: int) -> int:
+        if not self.catch_errors:
+            raise UserError(f"scorer {self.scorer.name} returned NaN for a subset of {size} points")
+        return NAN_SCORE
+
     def _compute(self, masks):
-        """Fit and score each subset: the bare loop (rows selected by boolean mask, as ``X[S]`` would), with the
-        NaN check vectorised after it."""
-        x, y, scorer = self.data.x, self.data.y, self.scorer
+        """Fit and score each subset, with the NaN check vectorised after the loop."""
         rows = self.data.row_masks(masks)
         scores = np.zeros((len(masks),) + (() if self.n_outputs is None else (self.n_outputs,)))
         status = np.zeros(len(masks), np.int8)
-        fresh = self._fresh_model if not self.warm_start else None
-        for j in range(len(rows)):
-            r = rows[j]
-            try:
-                yr = y[r]
-                model = fresh() if fresh is not None else self._model_for(yr)
-                model.fit(x[r], yr)
-                scores[j] = scorer(model)
-            except Exception as exc:  # noqa: BLE001 - any fit/score error is the subset's, see catch_errors
-                self._warm = None
-                status[j] = self._handle(exc, int(r.sum()))
-                continue
-            if fresh is None:
-                self._warm = model
-        nan = np.isnan(scores.reshape(len(masks), -1)).any(1)
-        if nan.any():
-            if not self.catch_errors:
-                raise UserError(f"scorer {self.scorer.name} returned NaN for a subset of "
-                                f"{int(rows[np.argmax(nan)].sum())} points")
-            status[nan] = NAN_SCORE
+        for j, r in enumerate(rows):
+            scores[j], status[j] = self._fit_score(r)
+        nan = np.isnan(scores)
+        if np.count_nonzero(nan):
+            nan = nan.reshape(len(masks), -1).any(1)
+            status[nan] = self._nan_status(int(rows[np.argmax(nan)].sum()))
         return scores, status
 
     def __str__(self):
