@@ -12,16 +12,22 @@ scores; the model trainings are shared and not charged), alternating ours/refere
     .venv-attr-refs/bin/python benchmarks/attribution_refs.py --run outputs/attr_conv/digits [--models logistic mlp]
     # TRAK like for like with traker's lambda_reg=0 (no reproduction check: the job's rows use its damping rule)
     .venv-attr-refs/bin/python benchmarks/attribution_refs.py --run ... --parts trak --trak-damping-factor 0 --out X
+    # ours in float32 like traker (rows labelled "(k=..., float32)"), added to the model's rows already in --out
+    .venv-attr-refs/bin/python benchmarks/attribution_refs.py --run ... --parts trak --trak-dtype float32 --merge
 
 Rows (per model):
 * TRAK, ``c`` members at projection ``k``: ours (``TrakInfluence``, lambda = factor x E||Pg||^2) with loss gradients
   (``trak-*``) and in TRAK's own form (``trak-margin-*``: margin gradients, columns x mean Q = 1 - p_y) vs traker's
   ``TRAKer`` with its CPU defaults (Gaussian projection, margin output, Q re-weighting, float32, ``lambda_reg=0``),
-  same members.
+  same members. ``--trak-dtype float32``: ours computes in traker's precision (kernel solved in float64).
 * EK-FAC: ours (``EkfacInfluence(update_diagonal=True)``, exact Gauss-Newton expectation) vs kronfluence
   (``strategy="ekfac"``, its default sampled-label Fisher) under the same absolute damping (the job's
   0.1 x mean Gauss-Newton eigenvalue); both with the empirical Fisher (a deterministic like-for-like check of the
   algebra); and kronfluence with its own default damping (0.1 x mean eigenvalue per layer), the number a user gets.
+  kronfluence's sampled labels are drawn from torch's global generator, seeded (0) before each of its runs; a run with
+  seed 1 gives its run-to-run agreement (``ekfac (kronfluence seed 0 vs 1)``): if each sampled-label run is the
+  expectation plus independent noise, ours-vs-kronfluence is expected at ``sqrt(r)`` of its seed-vs-seed ``r``, and
+  rises towards 1 against the mean of the two seeds' scores.
   Scores: ``g_test^T (F + lambda)^-1 g_train`` with loss gradients on both sides; agreement = Pearson over the whole
   test x train matrix.
 
@@ -130,11 +136,11 @@ def alternate(ours, ref, reps: int):
 
 
 # ---- TRAK ---------------------------------------------------------------------------------------------------------
-def ours_trak(p, members, k: int, lam: float, output: str):
+def ours_trak(p, members, k: int, lam: float, output: str, dtype: str | None = None):
     """The job's TRAK rows for 1..C members (running ensemble means; ``margin``: times the running mean of Q)."""
     from datamatters.tasks.attribution_methods import out_to_loss, trak_scores
 
-    mats = trak_scores(p, [copy.deepcopy(m) for m in members], k, lam, output)  # all members in one batched pass
+    mats = trak_scores(p, [copy.deepcopy(m) for m in members], k, lam, output, dtype)  # all members in one pass
     counts = np.arange(1, len(mats) + 1)[:, None, None]
     means = np.cumsum(mats, axis=0) / counts
     if output == "margin":
@@ -172,7 +178,7 @@ def traker_trak(p, members, k: int, counts: list[int]):
 
 
 def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outputs: list[str],
-                      factor: float | None = None) -> list[dict]:
+                      factor: float | None = None, dtype: str | None = None) -> list[dict]:
     from datamatters.tasks import attribution_methods as am
 
     C = max(counts)
@@ -184,21 +190,23 @@ def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outpu
         if factor is None:  # the job's own rule
             factor = float(s.damping_factor if s.trak.get("damping_factor") is None else s.trak.damping_factor)
         lam = factor * g2 / k
-        mo, mr, so, sr = alternate(lambda: ours_trak(p, members, k, lam, output),
+        mo, mr, so, sr = alternate(lambda: ours_trak(p, members, k, lam, output, dtype),
                                    lambda: traker_trak(p, members, k, counts), reps)
         tag = "trak" if output == "loss" else f"trak-{output}"
+        prec = f", {dtype}" if dtype else ""  # as the job labels it (default: the problem's float64)
         for cnt in counts:
             o, r = lds(p, mo[cnt - 1]), lds(p, mr[cnt])
-            rows.append({"method": f"{tag}-{cnt} (k={k})", "ours": {**o, "damping": lam, "output": output},
+            rows.append({"method": f"{tag}-{cnt} (k={k}{prec})",
+                         "ours": {**o, "damping": lam, "output": output, "dtype": dtype or str(p.dtype)[6:]},
                          "traker": {**r, "lambda_reg": 0.0, "projection": "normal (its CPU default)",
-                                    "output": "margin, Q re-weighting"},
+                                    "output": "margin, Q re-weighting", "dtype": "float32"},
                          "lds_gap": round(o["lds"] - r["lds"], 4),
                          "goal_not_below_traker_by_0.02": o["lds"] >= r["lds"] - 0.02,
                          "pearson_ours_vs_traker": round(pearson(mo[cnt - 1], mr[cnt]), 4)})
         per = {"members": C, "ours_s": so, "traker_s": sr, "speedup_min": round(min(sr) / min(so), 2),
                "goal_2x": min(sr) / min(so) >= 2.0,
                "note": f"seconds for all {C} members (features, kernel, scores of every count); trainings shared"}
-        rows.append({"method": f"{tag} timing (k={k})", **per})
+        rows.append({"method": f"{tag} timing (k={k}{prec})", **per})
     return rows
 
 
@@ -211,7 +219,7 @@ def ours_ekfac(p, lam: float, fisher: str):
     return inf.influences(p.Xte.to(p.dtype), p.yte, p.Xtr.to(p.dtype), p.ytr).cpu().numpy()
 
 
-def kronfluence_ekfac(p, damping, empirical: bool):
+def kronfluence_ekfac(p, damping, empirical: bool, seed: int = 0):
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.task import Task
@@ -241,6 +249,7 @@ def kronfluence_ekfac(p, damping, empirical: bool):
         fa = FactorArguments(strategy="ekfac", use_empirical_fisher=empirical, activation_covariance_dtype=f64,
                              gradient_covariance_dtype=f64, per_sample_gradient_dtype=f64, lambda_dtype=f64,
                              eigendecomposition_dtype=f64)
+        torch.manual_seed(seed)  # its sampled labels (torch.multinomial in the task) come from the global generator
         an.fit_all_factors(factors_name="f", dataset=train, per_device_batch_size=len(train), factor_args=fa,
                            overwrite_output_dir=True)
         sa = ScoreArguments(damping_factor=damping, per_sample_gradient_dtype=f64, precondition_dtype=f64,
@@ -266,9 +275,24 @@ def ekfac_side_by_side(p, s, spectrum, reps: int) -> list[dict]:
                      "kronfluence": {**lds(p, mr), "s": sr}, "pearson": round(r, 5), "goal_pearson_0.99": r >= 0.99,
                      "max_rel_diff": float(np.abs(mo - mr).max() / np.abs(mr).max()),
                      "speedup_min": round(min(sr) / min(so), 2), "goal_no_slower": min(so) <= min(sr)})
+        if not ref_emp:
+            ours_ggn, kron0 = mo, mr
     kd, t = timed(lambda: kronfluence_ekfac(p, None, False))
     rows.append({"method": "ekfac (kronfluence's own damping: 0.1 x mean eigenvalue per layer)",
                  "kronfluence": {**lds(p, kd), "s": [round(t, 3)]}})
+    k1, t = timed(lambda: kronfluence_ekfac(p, lam, False, seed=1))
+    r_kk, r_o1, r_om = pearson(kron0, k1), pearson(ours_ggn, k1), pearson(ours_ggn, (kron0 + k1) / 2)
+    rows.append({"method": "ekfac (kronfluence seed 0 vs 1)", "damping": lam,
+                 "note": "kronfluence's default sampled-label Fisher run with two seeds of its label sampling, "
+                         "against itself and against ours (exact expectation)",
+                 "kronfluence_seed1": {**lds(p, k1), "s": [round(t, 3)]},
+                 "pearson_kronfluence_seed0_vs_seed1": round(r_kk, 5),
+                 "pearson_ours_vs_kronfluence_seed0": round(pearson(ours_ggn, kron0), 5),
+                 "pearson_ours_vs_kronfluence_seed1": round(r_o1, 5),
+                 "pearson_ours_vs_kronfluence_mean_of_2_seeds": round(r_om, 5),
+                 "expected_if_sampling_noise": {"ours_vs_one_seed": round(float(np.sqrt(max(r_kk, 0.0))), 5),
+                                                "ours_vs_mean_of_2": round(float(np.sqrt(max(2 * r_kk / (1 + r_kk),
+                                                                                              0.0))), 5)}})
     return rows
 
 
@@ -296,6 +320,15 @@ def markdown(res: dict) -> str:
                              f"{min(r['kronfluence']['s']):.3g} | Pearson {r['pearson']:.4f} >= 0.99: "
                              f"{yn(r['goal_pearson_0.99'])}; no slower: {r['speedup_min']}x, "
                              f"{yn(r['goal_no_slower'])} |")
+            elif m == "ekfac (kronfluence seed 0 vs 1)":
+                e = r["expected_if_sampling_noise"]
+                lines.append(f"| {name} | kronfluence EK-FAC seed 1 vs seed 0 (its sampled labels), damping "
+                             f"{r['damping']:.3g} | - | {r['kronfluence_seed1']['lds']:.3f} | - | "
+                             f"{min(r['kronfluence_seed1']['s']):.3g} | Pearson kronfluence vs itself "
+                             f"{r['pearson_kronfluence_seed0_vs_seed1']:.4f}; ours vs it "
+                             f"{r['pearson_ours_vs_kronfluence_seed1']:.4f} (noise alone: {e['ours_vs_one_seed']:.4f})"
+                             f"; ours vs the mean of its 2 seeds {r['pearson_ours_vs_kronfluence_mean_of_2_seeds']:.4f}"
+                             f" (noise alone: {e['ours_vs_mean_of_2']:.4f}) |")
             elif m.startswith("ekfac (kronfluence"):
                 lines.append(f"| {name} | kronfluence EK-FAC, its own damping | - | {r['kronfluence']['lds']:.3f} | "
                              f"- | {min(r['kronfluence']['s']):.3g} | (the number a kronfluence user gets) |")
@@ -304,13 +337,19 @@ def markdown(res: dict) -> str:
         la = (r.get("machine") or {}).get("loadavg_1min_start")
         return "load not recorded" if la is None else f"load average {la:.1f} at start"
 
-    per = "; ".join(f"{'/'.join(r.get('models', [])) or 'run'}: repetitions "
-                    f"{r['protocol'].get('trak_reps', r['protocol']['reps'])}+{r['protocol']['reps']}, {load(r)}"
-                    for r in runs)
+    def what(r) -> str:
+        pr = r["protocol"]
+        parts = pr.get("parts", ["trak", "ekfac"])
+        reps = "+".join(str(pr.get("trak_reps", pr["reps"]) if x == "trak" else pr["reps"]) for x in parts)
+        extra = f" ({pr['trak_dtype']} TRAK)" if pr.get("trak_dtype") else ""
+        return f"{'/'.join(r.get('models', [])) or 'run'}{extra}: repetitions {reps}, {load(r)}"
+
+    per = "; ".join(what(r) for r in runs)
     return "\n".join(lines) + (f"\n\n_From `benchmarks/results/attribution_refs.json` (traker "
                                f"{res['versions']['traker']}, kronfluence {res['versions']['kronfluence']}, torch "
-                               f"{res['versions']['torch']}; 1 thread on a shared {res['machine']['cpus']}-core "
-                               f"machine; seconds: min over TRAK+EK-FAC repetitions, ours/reference alternating, "
+                               f"{res['versions']['torch']}; 1 thread on a {res['machine']['cpus']}-core machine "
+                               f"shared with other sessions; seconds: min over TRAK+EK-FAC repetitions, "
+                               f"ours/reference alternating, "
                                f"attribution work only; {per})._")
 
 
@@ -331,6 +370,10 @@ def main() -> None:
     ap.add_argument("--trak-damping-factor", type=float, default=None,
                     help="our TRAK's damping factor instead of the run's (0 = traker's lambda_reg=0); the rows "
                          "then differ from the job's, so the reproduction check is skipped")
+    ap.add_argument("--trak-dtype", default=None, choices=["float32", "float64"],
+                    help="our TRAK's compute precision (default: the run's); float32 = traker's, rows labelled so")
+    ap.add_argument("--merge", action="store_true",
+                    help="add this run's rows to the model's rows already in --out (same method names replaced)")
     ap.add_argument("--markdown", action="store_true", help="print the README table of --out and exit")
     a = ap.parse_args()
     if a.markdown:
@@ -345,23 +388,34 @@ def main() -> None:
     prev = json.loads(a.out.read_text()) if a.out.is_file() else {}
     res = {"benchmark": "attribution job's TRAK and EK-FAC vs traker and kronfluence, same models/data/LDS masks",
            "protocol": {"run": str(a.run), "reps": a.reps, "trak_reps": a.trak_reps or a.reps,
-                        "trak_counts": a.trak_counts, "trak_dims": a.trak_dims,
+                        "trak_counts": a.trak_counts, "trak_dims": a.trak_dims, "parts": a.parts,
+                        "trak_outputs": a.trak_outputs, "trak_dtype": a.trak_dtype,
+                        "trak_damping_factor": a.trak_damping_factor,
                         "threads": 1, "timing": "min over reps, ours/reference alternating; attribution work only "
                         "(model trainings shared)", "note": a.note},
            "versions": {k: version(k) for k in ("traker", "kronfluence", "torch")},
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "loadavg_1min_start": os.getloadavg()[0]},
-           "models": dict(prev.get("models", {}))}
+           "command": " ".join(["benchmarks/attribution_refs.py", *sys.argv[1:]]),
+           "models": dict(prev.get("models", {})), "runs": []}
+    for k in ("runs", *(("earlier_adam60_logistic",) if "earlier_adam60_logistic" in prev else ())):
+        res[k] = list(prev.get(k, [])) if k == "runs" else prev[k]
+    run_rec = {"source": res["command"], "models": [], "protocol": res["protocol"], "machine": dict(res["machine"])}
+    if not a.merge:  # this run replaces its models' entries: runs that only covered them go
+        res["runs"] = [r for r in res["runs"] if set(r.get("models", [])) - set(labels)]
+    res["runs"].append(run_rec)
     for label in labels:
         p, s, spectrum, job_rows, info = load_problem(a.run, label)
         rec = {"run": str(a.run), "tag": a.tag, "problem": info, "spectrum": spectrum, "rows": []}
         if "trak" in a.parts:
             rec["rows"] += trak_side_by_side(p, s, a.trak_reps or a.reps, a.trak_counts, a.trak_dims, a.trak_outputs,
-                                             a.trak_damping_factor)
-            # the same models as the job: our TRAK here must reproduce the job's rows (at the job's damping)
+                                             a.trak_damping_factor, a.trak_dtype)
+            # the same models as the job: our TRAK here must reproduce the job's rows (at the job's damping; float32
+            # rows to the float64 row's LDS within 1e-3)
             for r in rec["rows"]:
-                if r["method"] in job_rows and "ours" in r and a.trak_damping_factor is None:
-                    r["job_lds"] = round(job_rows[r["method"]]["lds"], 4)
+                base = r["method"].replace(f", {a.trak_dtype})", ")") if a.trak_dtype else r["method"]
+                if base in job_rows and "ours" in r and a.trak_damping_factor is None:
+                    r["job_lds"] = round(job_rows[base]["lds"], 4)
                     assert abs(r["job_lds"] - r["ours"]["lds"]) < 1e-3, (r["method"], r["job_lds"], r["ours"]["lds"])
         if "ekfac" in a.parts:
             rec["rows"] += ekfac_side_by_side(p, s, spectrum, a.reps)
@@ -370,7 +424,13 @@ def main() -> None:
             if "ekfac" in job_rows:
                 ours_ggn["job_lds"] = round(job_rows["ekfac"]["lds"], 4)
                 assert abs(ours_ggn["job_lds"] - ours_ggn["ours"]["lds"]) < 1e-3, (ours_ggn, job_rows["ekfac"])
-        rec["machine_loadavg_1min_end"] = os.getloadavg()[0]
+        rec["machine_loadavg_1min_end"] = run_rec["machine"]["loadavg_1min_end"] = os.getloadavg()[0]
+        run_rec["models"].append(label)
+        old = res["models"].get(label)
+        if a.merge and old is not None:  # keep the earlier rows of other methods, this run's rows after them
+            new = {r["method"] for r in rec["rows"]}
+            rec = {**old, "rows": [r for r in old["rows"] if r["method"] not in new] + rec["rows"],
+                   "machine_loadavg_1min_end": rec["machine_loadavg_1min_end"]}
         res["models"][label] = rec
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(res, indent=1) + "\n")

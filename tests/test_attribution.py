@@ -115,6 +115,8 @@ def test_bad_input_is_one_clear_message(tmp_path):
         run_job(tmp_path, TINY + ["attribution.methods=[tracin]", "attribution.tracin_epochs=[4,9]"])
     with pytest.raises(UserError, match=r"TRAK needs independently trained checkpoints.*got \[\]"):
         run_job(tmp_path, TINY + ["attribution.methods=[trak]", "attribution.trak.checkpoints=[]"])
+    with pytest.raises(UserError, match=r"trak.dtype must be null, float32 or float64, got 'float16'"):
+        run_job(tmp_path, TINY + ["attribution.methods=[trak]", "attribution.trak.dtype=float16"])
     with pytest.raises(UserError, match=r"datamodels.sizes must list model counts >= 1, got \[0\]"):
         run_job(tmp_path, TINY + ["attribution.methods=[datamodels]", "attribution.datamodels.sizes=[0]"])
     with pytest.raises(UserError, match="unknown attribution methods"):
@@ -257,3 +259,16 @@ def test_trak_damping_factor_of_its_own(tmp_path):
     zero = _results(run_job(tmp_path / "a", base + ["attribution.trak.damping_factor=0"]))["models"]["logistic"]["rows"]
     rule = _results(run_job(tmp_path / "b", base))["models"]["logistic"]["rows"]
     assert zero[0]["damping"] == 0.0 and rule[0]["damping"] > 0 and zero[0]["lds"] != rule[0]["lds"]
+
+
+@pytest.mark.slow
+def test_trak_float32_rows_in_the_job(tmp_path):
+    """attribution.trak.dtype=float32 (traker's precision): rows of their own label with the float64 rows' LDS (the
+    fast twins: trak_ensemble's float32 tests in test_influence.py, the bad dtype in test_bad_input_...)."""
+    base = TINY + ["attribution.methods=[trak]", "attribution.trak.checkpoints=[1]", "attribution.trak.projection_dims=[16]"]
+    rule = _results(run_job(tmp_path, base))["models"]["logistic"]["rows"]
+    f32 = _results(run_job(tmp_path, base + ["attribution.trak.dtype=float32"]))["models"]["logistic"]["rows"]
+    assert [r["method"] for r in f32] == [r["method"].replace(")", ", float32)") for r in rule]
+    assert rule[0]["method"] == "trak-1 (k=16)" and len(rule) == 2  # loss and margin outputs
+    for a, b in zip(f32, rule):
+        assert a["lds"] == pytest.approx(b["lds"], abs=1e-3) and a["damping"] == b["damping"]

@@ -3,6 +3,8 @@ per-row tolerance with more test points than parameters, EK-FAC's factors agains
 bad input."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -202,6 +204,65 @@ def test_trak_ensemble_equals_one_member_at_a_time():
         trak_ensemble([members[0], nn.Linear(5, 3).double()], F.cross_entropy, X, y, Xt, yt, projection_dim=6)
     with pytest.raises(UserError, match="singular"):
         trak_ensemble(members, F.cross_entropy, X[:3], y[:3], Xt, yt, projection_dim=6)
+
+
+def test_trak_ensemble_float32_matches_float64():
+    """dtype="float32" (traker's precision; the kernel solved in float64) gives the float64 scores to 1e-5 relative,
+    with either projection; a float32 path that drew a different projection (e.g. Gaussian entries generated in
+    float32, or another seed) is off by O(1), far outside that tolerance."""
+    from datamatters.influence.trak import trak_ensemble
+
+    g = torch.Generator().manual_seed(5)
+    X, y = torch.randn(60, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (60,), generator=g)
+    Xt, yt = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    members = []
+    for c in range(3):
+        torch.manual_seed(20 + c)
+        members.append(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double())
+    kw = dict(projection_dim=12, regularization=0.01, seeds=[4, 5, 6])
+    for proj in ("rademacher", "gaussian"):
+        S64 = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, projection=proj, **kw)
+        S32 = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, projection=proj, dtype="float32", **kw)
+        assert S32.dtype == torch.float64 and S32.shape == S64.shape  # scores in the models' dtype
+        assert _rel(S32, S64) < 1e-5
+        # float32 models compute in float32 by default: the same numbers
+        f32 = trak_ensemble([copy.deepcopy(m).float() for m in members], F.cross_entropy, X, y, Xt, yt,
+                            projection=proj, **kw)
+        assert f32.dtype == torch.float32 and _rel(f32.double(), S64) < 1e-5
+    other = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, dtype=torch.float32,
+                          **{**kw, "seeds": [5, 6, 7]})  # control: another projection fails the tolerance
+    assert _rel(other, S64) > 0.05
+    with pytest.raises(UserError, match=r"TRAK dtype must be one of \['float32', 'float64'\].*'float16'"):
+        trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, dtype="float16", **kw)
+
+
+def test_trak_float32_refuses_ill_conditioned_kernels():
+    """float32 features in a kernel with trace / lambda_min above 1e5 are refused (float64 computes it); the inverse
+    iteration finds trace / lambda_min of a known spectrum, so kernels just below/above the limit pass/fail."""
+    from datamatters.influence.trak import FLOAT32_MAX_AMPLIFICATION, float32_check, trak_ensemble
+
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (5,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3).double()
+    # 5 training points, k = 8: the Gram has rank <= 5, its trace ~1; regularization 1e-6 makes it positive definite
+    trak_ensemble([model], F.cross_entropy, X, y, X, y, projection_dim=8, regularization=1e-6)  # float64: computed
+    with pytest.raises(UserError, match="too ill-conditioned for float32.*use dtype float64"):
+        trak_ensemble([model], F.cross_entropy, X, y, X, y, projection_dim=8, regularization=1e-6, dtype="float32")
+    trak_ensemble([model], F.cross_entropy, X, y, X, y, projection_dim=8, regularization=1e-3, dtype="float32")
+
+    Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
+    for margin, ok in ((0.99, True), (1.01, False)):
+        eig = torch.cat([torch.ones(19), torch.zeros(1)]).double()
+        eig[-1] = eig.sum() / (FLOAT32_MAX_AMPLIFICATION * margin - 1)  # trace / lambda_min = limit x margin
+        K = (Q * eig) @ Q.T
+        K = ((K + K.T) / 2)[None]
+        L = torch.linalg.cholesky(K)
+        if ok:
+            float32_check(K, L, 0.0, 100)
+        else:
+            with pytest.raises(UserError, match="trace / smallest eigenvalue 1.01e"):
+                float32_check(K, L, 0.0, 100)
 
 
 def test_block_structures_and_per_block_regularization(linear):

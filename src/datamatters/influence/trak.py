@@ -46,6 +46,52 @@ def projection_matrix(k: int, p: int, seed: int, projection: str, dtype, device)
                       for j, s in enumerate(range(0, p, _COLS))], dim=1)
 
 
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+FLOAT32_MAX_AMPLIFICATION = 1e5  # trace(K) / lambda_min(K): float32 rounding (6e-8) x 1e5 ~ 1e-2 relative in scores
+
+
+def compute_dtype(dtype, default: torch.dtype) -> torch.dtype:
+    """``None`` -> ``default``; ``"float32"`` / ``"float64"`` or the torch dtypes themselves."""
+    if dtype is None:
+        return default
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise UserError(f"TRAK dtype must be one of {sorted(DTYPES)} (or null for the model's own), got {dtype!r}")
+
+
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def float32_check(K: Tensor, L: Tensor, lam: float, n: int, iters: int = 20) -> None:
+    """Refuse (C, k, k) float64 kernels ``K`` (Cholesky factors ``L``, regularization ``lam`` included) too
+    ill-conditioned for float32 features: ``trace(K) / lambda_min(K)`` (>= the condition number) above
+    ``FLOAT32_MAX_AMPLIFICATION``. ``lambda_min >= lam``, so ``trace / lam`` within the limit passes at once (the
+    job's damping rule gives ~10 k); otherwise ``lambda_min`` by inverse iteration on the factor (``iters`` pairs of
+    triangular solves; it approaches ``lambda_min`` from above, so it can only err towards passing a kernel the few
+    iterations have not resolved)."""
+    trace = torch.diagonal(K, dim1=1, dim2=2).sum(1)
+    if lam > 0 and float(trace.max()) / lam <= FLOAT32_MAX_AMPLIFICATION:
+        return
+    v = torch.randn(K.shape[0], K.shape[1], 1, generator=torch.Generator().manual_seed(0),
+                    dtype=torch.float64).to(K.device)
+    for _ in range(iters):
+        v = _chol_solve(v / v.norm(dim=1, keepdim=True), L)
+    amp = float((trace * v.norm(dim=(1, 2))).max())  # ||K^-1 u|| for the last unit u -> 1 / lambda_min
+    if amp > FLOAT32_MAX_AMPLIFICATION:
+        raise UserError(f"TRAK kernel too ill-conditioned for float32 (trace / smallest eigenvalue {amp:.3g} > "
+                        f"{FLOAT32_MAX_AMPLIFICATION:.0e}; projection_dim={K.shape[1]}, {n} training points): use "
+                        "dtype float64, a larger regularization or a smaller projection_dim")
+
+
+def _chol_solve(B: Tensor, L: Tensor) -> Tensor:
+    """``K^-1 B`` from ``K = L L^T`` (two triangular solves: 1.6x faster than ``cholesky_solve`` here, same numbers)."""
+    return torch.linalg.solve_triangular(L.transpose(-1, -2), torch.linalg.solve_triangular(L, B, upper=False),
+                                         upper=True)
+
+
 class TrakInfluence(InfluenceModel):
     def __init__(self, model, loss, *, projection_dim: int = 512, regularization=0.0,
                  projection: str = "rademacher", seed: int = 0, block_structure="full", cache_limit: int = 1 << 26,
@@ -131,13 +177,19 @@ class TrakInfluence(InfluenceModel):
 
 def trak_ensemble(models: Sequence[nn.Module], loss, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *,
                   projection_dim: int = 512, regularization: float = 0.0, seeds: Sequence[int] | None = None,
-                  projection: str = "rademacher", chunk: int = 1 << 22) -> Tensor:
+                  projection: str = "rademacher", chunk: int = 1 << 22, dtype=None) -> Tensor:
     """(C, n_test, n_train) TRAK scores of each of the C same-architecture ``models`` (member c projected with
     ``seeds[c]``, default c), equal to ``TrakInfluence(models[c], loss, seed=seeds[c]).fit([(x, y)])
     .influences(x_test, y_test, x, y)``: per-example gradients of all members in one ``vmap`` over their stacked
     parameters and buffers, projections, kernels and solves batched. ``chunk`` bounds the numbers held (per-example
     gradients, projections): members go in groups when their projections exceed it; rows are featurized
-    ``chunk / (C p)`` at a time (about 4M numbers: cache-sized blocks were 1.4x faster than one big pass here)."""
+    ``chunk / (C p)`` at a time (about 4M numbers: cache-sized blocks were 1.4x faster than one big pass here).
+
+    ``dtype`` (``None``: the models' own) is the compute precision of the gradients, projections, kernels and the
+    final products, e.g. ``"float32"`` (traker's; about twice as fast on CPU as float64). The kernel is always
+    factorized and solved in float64; in float32 the kernel's conditioning is checked first (``float32_check``):
+    rounding in the features and the Gram matrix (relative ~6e-8) is amplified by ``trace(K) / lambda_min(K)``, and a
+    kernel where that exceeds ``FLOAT32_MAX_AMPLIFICATION`` is refused. The scores come back in the models' dtype."""
     models = list(models)
     if not models:
         raise UserError("trak_ensemble needs at least one model")
@@ -161,7 +213,8 @@ def trak_ensemble(models: Sequence[nn.Module], loss, x: Tensor, y: Tensor, x_tes
     names = [n for n, _ in ref.named_parameters()]
     bnames = [n for n, _ in ref.named_buffers()]
     first = next(ref.parameters())
-    dtype, device = first.dtype, first.device
+    out_dtype, device = first.dtype, first.device
+    dtype = compute_dtype(dtype, out_dtype)
     p = sum(t.numel() for t in ref.parameters())
 
     def prep(a, b, what):
@@ -184,12 +237,12 @@ def trak_ensemble(models: Sequence[nn.Module], loss, x: Tensor, y: Tensor, x_tes
         return loss(functional_call(ref, {**bf, **th}, (x1.unsqueeze(0),)), y1.unsqueeze(0))
 
     g = vmap(vmap(grad(example_loss), in_dims=(None, None, 0, 0)), in_dims=(0, 0, None, None))
-    eye = float(regularization) * torch.eye(k, dtype=dtype, device=device)
+    eye = float(regularization) * torch.eye(k, dtype=torch.float64, device=device)
 
     def scores(group: list[nn.Module], group_seeds: list[int]) -> Tensor:
         C = len(group)
-        theta = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in group]) for n in names}
-        bufs = {n: torch.stack([dict(m.named_buffers())[n].detach() for m in group]) for n in bnames}
+        theta = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in group]).to(dtype) for n in names}
+        bufs = {n: _cast(torch.stack([dict(m.named_buffers())[n].detach() for m in group]), dtype) for n in bnames}
         P = torch.stack([projection_matrix(k, p, s, projection, dtype, device) for s in group_seeds])  # (C, k, p)
         ends = torch.tensor([0] + [theta[n][0].numel() for n in names]).cumsum(0).tolist()
         Pt = [P[:, :, a:b].transpose(1, 2).contiguous() for a, b in zip(ends[:-1], ends[1:])]  # per parameter
@@ -203,13 +256,18 @@ def trak_ensemble(models: Sequence[nn.Module], loss, x: Tensor, y: Tensor, x_tes
             return torch.cat(out, dim=1) if out else torch.zeros(C, 0, k, dtype=dtype, device=device)
 
         Phi, Phi_test = features(x, y), features(x_test, y_test)
-        if not (bool(torch.isfinite(Phi).all()) and bool(torch.isfinite(Phi_test).all())):
+        K = (Phi.transpose(1, 2) @ Phi / x.shape[0]).to(torch.float64) + eye  # Gram in dtype, solve in float64
+        # a non-finite feature makes its column's diagonal entry of K non-finite (cheaper than scanning Phi)
+        if not (bool(torch.isfinite(torch.diagonal(K, dim1=1, dim2=2)).all()) and bool(torch.isfinite(Phi_test).all())):
             raise UserError("trak_ensemble: non-finite gradients (NaN or inf); check the inputs' scale and the models")
-        L, info = torch.linalg.cholesky_ex(Phi.transpose(1, 2) @ Phi / x.shape[0] + eye)
+        L, info = torch.linalg.cholesky_ex(K)
         if bool((info != 0).any()):
             raise UserError(f"TRAK kernel is singular (projection_dim={k} vs {x.shape[0]} training points); "
                             "set regularization > 0 or a smaller projection_dim")
-        return torch.cholesky_solve(Phi_test.transpose(1, 2), L).transpose(1, 2) @ Phi.transpose(1, 2)
+        if dtype != torch.float64:
+            float32_check(K, L, float(regularization), x.shape[0])
+        Z = _chol_solve(Phi_test.transpose(1, 2).to(torch.float64), L).transpose(1, 2)
+        return (Z.to(dtype) @ Phi.transpose(1, 2)).to(out_dtype)
 
     per = max(1, int(chunk) // (k * p))  # members per pass: their projections fit in the budget
     return torch.cat([scores(models[i:i + per], seeds[i:i + per]) for i in range(0, len(models), per)])

@@ -76,6 +76,7 @@ class TrakCfg:
     seed: int = 3
     outputs: List[str] = field(default_factory=lambda: ["loss"])  # loss | margin (TRAK's margin + Q re-weighting)
     damping_factor: Optional[float] = None  # null: attribution.damping_factor; 0: traker's lambda_reg = 0
+    dtype: Optional[str] = None  # compute precision: null = attribution.dtype; float32 = traker's (solve in float64)
 
 
 @dataclass
@@ -143,6 +144,8 @@ def settings(cfg: DictConfig) -> DictConfig:
                         f"{list(s.trak.projection_dims)}")
     if "trak" in s.methods and (not s.trak.outputs or set(s.trak.outputs) - {"loss", "margin"}):
         raise UserError(f"attribution.trak.outputs must list loss and/or margin, got {list(s.trak.outputs)}")
+    if "trak" in s.methods and s.trak.dtype not in (None, "float32", "float64"):
+        raise UserError(f"attribution.trak.dtype must be null, float32 or float64, got {s.trak.dtype!r}")
     if "datamodels" in s.methods and (not s.datamodels.sizes or min(s.datamodels.sizes) < 1):
         raise UserError(f"datamodels need subset models: attribution.datamodels.sizes must list model counts >= 1, "
                         f"got {list(s.datamodels.sizes)}")
@@ -340,7 +343,7 @@ def run_model(label: str, model_cfg: dict, cfg: DictConfig, s: DictConfig, dm, o
             rows += _cached(path, key, lambda: am.trak_rows(p, list(s.trak.checkpoints), list(s.trak.projection_dims),
                                                             float(s.damping_factor if s.trak.damping_factor is None
                                                                   else s.trak.damping_factor), int(s.trak.seed), g2,
-                                                            tuple(s.trak.outputs)))
+                                                            tuple(s.trak.outputs), s.trak.dtype))
         elif name == "tracin":
             rows += _cached(path, key, lambda: am.tracin_row(p, ckpts))
         elif name == "graddot":

@@ -204,16 +204,16 @@ def tracin_row(p: Problem, epochs: list[int]) -> dict:
 
 
 # ---- TRAK over independently trained models --------------------------------------------------------------------
-def trak_scores(p: Problem, models: list[nn.Module], k: int, lam: float, output: str) -> np.ndarray:
+def trak_scores(p: Problem, models: list[nn.Module], k: int, lam: float, output: str, dtype=None) -> np.ndarray:
     """(C, T, n) TRAK matrices of the members (member c projected with seed c), all in one batched pass
     (``trak_ensemble``; the same numbers as one ``TrakInfluence`` per member). ``loss``: loss gradients on both sides
     (the orientation of the influence rows); ``margin``: TRAK's own form, margin gradients and each train column
     times ``Q = 1 - p_y`` (the out-to-loss factor; traker multiplies by its mean over members, ``trak_rows`` does
-    the same)."""
+    the same). ``dtype``: the compute precision (``None``: the problem's)."""
     from datamatters.influence.trak import trak_ensemble
 
     S = trak_ensemble(models, OUTPUTS[output], p.Xtr.to(p.dtype), p.ytr, p.Xte.to(p.dtype), p.yte,
-                      projection_dim=int(k), regularization=lam, seeds=range(len(models)))
+                      projection_dim=int(k), regularization=lam, seeds=range(len(models)), dtype=dtype)
     return S.cpu().numpy()
 
 
@@ -224,11 +224,12 @@ def out_to_loss(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> np.ndarra
 
 
 def trak_rows(p: Problem, checkpoints: list[int], dims: list[int], factor: float, seed: int, g2: dict,
-              outputs: tuple[str, ...] = ("loss",)) -> list[dict]:
+              outputs: tuple[str, ...] = ("loss",), dtype: str | None = None) -> list[dict]:
     """TRAK ensembles: ``c`` models trained on all data from independent inits (ids under ``seed``), one projected
     kernel each, score matrices averaged; cost = c trainings + c TRAK fits. ``g2[output]``: E||g||^2 of the full
     model, so lambda = factor x the mean eigenvalue of the projected kernel. All C members are scored in one batched
-    pass; the seconds of ``c`` members are c/C of it."""
+    pass; the seconds of ``c`` members are c/C of it. ``dtype`` (e.g. ``"float32"``): the compute precision, named
+    in the rows' labels when it is not the problem's."""
     import time
 
     C = max(checkpoints)
@@ -237,13 +238,14 @@ def trak_rows(p: Problem, checkpoints: list[int], dims: list[int], factor: float
     params = p.train(ones, seed, range(C))
     per_train = (time.perf_counter() - t) / C
     rows = []
+    prec = "" if dtype is None or str(dtype) == str(p.dtype).replace("torch.", "") else f", {dtype}"
     for output in outputs:
         tag = "trak" if output == "loss" else f"trak-{output}"
         for k in dims:
             lam = factor * g2[output] / k
             with Measure() as whole:
                 nets = [p.network(params, c) for c in range(C)]
-                mats = trak_scores(p, nets, k, lam, output)
+                mats = trak_scores(p, nets, k, lam, output, dtype)
                 qs = [out_to_loss(net, p.Xtr, p.ytr) for net in nets] if output == "margin" else None
             for c in sorted(set(checkpoints)):
                 m = Measure()
@@ -251,7 +253,7 @@ def trak_rows(p: Problem, checkpoints: list[int], dims: list[int], factor: float
                 S = np.mean(mats[:c], axis=0)
                 if output == "margin":
                     S = S * np.mean(qs[:c], axis=0)[None, :]
-                rows.append(row(f"{tag}-{c} (k={k})", p.lds(S), m, trainings=c, grad_passes=c, damping=lam,
+                rows.append(row(f"{tag}-{c} (k={k}{prec})", p.lds(S), m, trainings=c, grad_passes=c, damping=lam,
                                 family=f"{tag} k={k}", train_s=c * per_train))
     return rows
 
