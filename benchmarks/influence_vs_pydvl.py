@@ -174,6 +174,18 @@ def _rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def _timing(runs: dict) -> dict:
+    """Per side and matrix path: ``min`` and ``median`` over repetitions of fit + matrix (each repetition's own sum;
+    the ``*_total_s`` fields add the best fit and the best matrix time of any repetitions)."""
+    out = {}
+    for side, mode in (("ours", "calculator"), ("pydvl", "calculator"), ("pydvl", "one_shot")):
+        tot = [r["fit_s"] + r[f"{mode}_s"] for r in runs[side] if f"{mode}_s" in r]
+        if tot:
+            out[side if side == "ours" else f"pydvl_{mode}"] = {"min": min(tot), "median": float(np.median(tot)),
+                                                                 "repetitions": len(tot)}
+    return out
+
+
 def _corr(a, b) -> float:
     return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
 
@@ -192,6 +204,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a smoke run)")
     ap.add_argument("--merge", action="store_true", help="keep the other methods' entries of an existing --out file")
+    ap.add_argument("--note", type=str, default=None, help="a note stored in every entry of this run (e.g. the load)")
     ap.add_argument("--cfg", type=str, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--evaluate", action="store_true",
                     help="instead: every method on digits (LDS, noisy-label AUC, agreement with Direct)")
@@ -227,6 +240,7 @@ def main() -> None:
                                env={**os.environ, "OMP_NUM_THREADS": str(a.threads)})
                 r = json.loads(out.read_text())
                 r["process_s"] = time.perf_counter() - t0
+                r["loadavg_1_5_15_after"] = list(os.getloadavg())
                 runs[m][side].append(r)
                 print(f"rep {rep} {m:8s} {side:5s} " + " ".join(f"{k}={v:.2f}" for k, v in r.items()
                                                                if isinstance(v, float)), flush=True)
@@ -237,7 +251,8 @@ def main() -> None:
         ours = np.load(a.work / f"{m}_ours_calculator.npy")
         best = lambda side, key: min(r[key] for r in runs[m][side] if key in r)  # noqa: E731
         o_total = best("ours", "fit_s") + best("ours", "calculator_s")
-        entry = {"ours": runs[m]["ours"], "pydvl": runs[m]["pydvl"], "ours_total_s": o_total}
+        entry = {"ours": runs[m]["ours"], "pydvl": runs[m]["pydvl"], "ours_total_s": o_total,
+                 "timing_s": _timing(runs[m])}
         if m == "cg_plain" and "cg" in results and "pydvl_one_shot_total_s" in results["cg"]:
             entry["speedup_vs_pydvl_one_shot"] = results["cg"]["pydvl_one_shot_total_s"] / o_total
             entry["agreement_vs_cg"] = {"rel_error": _rel(ours, np.load(a.work / "cg_ours_calculator.npy")),
@@ -268,7 +283,9 @@ def main() -> None:
             if m == "cg":
                 ref = np.load(a.work / "cg_pydvl_one_shot.npy")
                 entry["pydvl_one_shot_vs_direct"] = {"rel_error": _rel(ref, d), "pearson": _corr(ref, d)}
-        entry["machine_load"] = load
+        entry["machine_load"] = {**load, "loadavg_1_5_15_at_end": list(os.getloadavg())}
+        if a.note:
+            entry["note"] = a.note
         results[m] = entry
     doc = {
         "benchmark": "influence_vs_pydvl",

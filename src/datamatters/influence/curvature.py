@@ -28,7 +28,8 @@ class Curvature:
     """``matvec(V)`` = rows of ``V`` (k, block size) times the block's curvature, one pass over ``data``."""
 
     def __init__(self, fn: ModelFunction, block: Block, data: Iterable, kind: str = "hessian",
-                 vector_chunk: int = 64, work_chunk: int = 16384, graph_cache: int = 1 << 25):
+                 vector_chunk: int = 64, work_chunk: int = 16384, graph_cache: int = 1 << 25,
+                 closed_form: bool = True):
         if kind not in KINDS:
             raise UserError(f"curvature must be one of {KINDS}, got {kind!r}")
         self.fn, self.block, self.data, self.kind = fn, block, data, kind
@@ -42,6 +43,9 @@ class Curvature:
         self.graph_cache = int(graph_cache) if isinstance(data, list) and kind == "hessian" else 0
         self._pulls: dict = {}
         self._cached = 0
+        # dense Hessians of models that start with a Linear layer take that layer's rows in closed form
+        # (ModelFunction.leading_linear_hessian_sum); False forces one Hessian-vector product per parameter
+        self.closed_form = bool(closed_form)
         self.size = block.size
         self.n_matvec = 0  # vectors multiplied (for tests and reports)
 
@@ -104,8 +108,12 @@ class Curvature:
             eye = torch.eye(p, device=self.fn.device, dtype=self.fn.dtype)
             M, n = torch.zeros(p, p, device=self.fn.device, dtype=self.fn.dtype), 0
             for i, (x, y) in enumerate(self.batches()):
-                for s in range(0, p, column_chunk):
-                    M[s:s + column_chunk] += self._batch_product(eye[s:s + column_chunk], x, y, key=i)
+                closed = self.fn.leading_linear_hessian_sum(self.block, x, y) if self.closed_form else None
+                if closed is not None:
+                    M += closed
+                else:
+                    for s in range(0, p, column_chunk):
+                        M[s:s + column_chunk] += self._batch_product(eye[s:s + column_chunk], x, y, key=i)
                 n += x.shape[0]
         else:
             M, n = torch.zeros(p, p, device=self.fn.device, dtype=self.fn.dtype), 0

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vjp, vmap
+from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from datamatters.errors import UserError
 from datamatters.influence.blocks import Block
@@ -30,6 +30,14 @@ def split_batch(batch) -> tuple[Tensor, Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
         raise UserError("data batches must be (x, y) or (index, x, y) tuples")
     return (batch[0], batch[1]) if len(batch) == 2 else (batch[1], batch[2])
+
+
+def _pair_index(n: int, device) -> Tensor:
+    """(n, n): the position of the pair (min(j, k), max(j, k)) in ``torch.triu_indices(n, n)``'s order."""
+    i, j = torch.triu_indices(n, n, device=device)
+    out = torch.empty(n, n, dtype=torch.long, device=device)
+    out[i, j] = out[j, i] = torch.arange(i.shape[0], device=device)
+    return out
 
 
 class ModelFunction:
@@ -169,6 +177,126 @@ class ModelFunction:
         return H.detach()
 
     # ---- dense curvature on one batch (sums) ---------------------------------------------------------------
+    def _leading_linear(self, module: nn.Module, x: Tensor, names: Sequence[str]):
+        """``(x, layer, prefix, rest)``: ``module`` is ``nn.Linear`` or an ``nn.Sequential`` whose first child
+        holding parameters of ``names`` is an ``nn.Linear`` on (n, features) inputs; the children before it are
+        applied to ``x``; ``rest`` (the children after it) does not reuse its parameters. Else None."""
+        if isinstance(module, nn.Linear):
+            layer, prefix, rest = module, "", nn.Sequential()
+        elif isinstance(module, nn.Sequential):
+            for i, key in enumerate(module._modules):
+                layer, prefix = module[i], key + "."
+                if any(prefix + k in names for k, _ in layer.named_parameters()):
+                    rest = module[i + 1:]
+                    break
+                with torch.no_grad():  # no block parameters here: a fixed transformation of the inputs
+                    x = layer(x)
+            else:
+                return None
+        else:
+            return None
+        if not isinstance(layer, nn.Linear) or prefix + "weight" not in names or x.dim() != 2:
+            return None
+        if {id(p) for p in layer.parameters()} & {id(p) for p in rest.parameters()}:
+            return None  # tied weights: the rest's use of them would be missed
+        return x, layer, prefix, rest
+
+    def leading_linear_hessian_sum(self, block: Block, x: Tensor, y: Tensor, rows: int = 256,
+                                   vector_chunk: int = 64) -> Tensor | None:
+        """The block's summed Hessian ``sum_i d^2 l_i`` (size, size) with its Linear layers in closed form, or
+        None where the model does not start with one (``_leading_linear``)."""
+        return self._chain_hessian(self.model, x, y, list(block.params), rows, vector_chunk)
+
+    def _chain_hessian(self, module: nn.Module, x: Tensor, y: Tensor, names: list[str], rows: int,
+                       vector_chunk: int) -> Tensor | None:
+        """``sum_i d^2 loss(module(x_i), y_i)`` in the parameters ``names`` (that order).
+
+        A leading Linear layer's parameters act only through ``z_i = W u_i`` (``u_i`` its input, with a 1
+        appended for the bias), so with ``A_i = d^2 l_i / dz^2`` and ``B_i = d^2 l_i / dz d(rest)`` (per example,
+        from d reverse passes through the rest of the network) its rows of the Hessian are
+        ``sum_i A_i (x) u_i u_i^T`` and ``sum_i u_i (x) B_i``: matrix products instead of one Hessian-vector product
+        per weight (MNIST-1D MLP 40-32-10, 1,000 rows: 0.5 s instead of 2.2 s, one thread). The rest
+        of the network's block is the same problem on the inputs ``z`` (recursively), or Hessian-vector products
+        in its parameters only where it does not start with a Linear layer."""
+        lead = self._leading_linear(module, x, names)
+        if lead is None:
+            return None
+        x, layer, prefix, rest = lead
+        wname, bname = prefix + "weight", (prefix + "bias" if layer.bias is not None else None)
+        bname = bname if bname in names else None
+        d, n_in = layer.out_features, layer.in_features
+        K = n_in + (bname is not None)
+        sizes = {k: self.theta[k].numel() for k in names}
+        off = dict(zip(names, torch.tensor([0] + list(sizes.values())).cumsum(0).tolist()))
+        lead_idx = off[wname] + torch.arange(d * n_in).reshape(d, n_in)
+        if bname is not None:
+            lead_idx = torch.cat([lead_idx, off[bname] + torch.arange(d)[:, None]], 1)
+        rnames = [k for k in names if k not in (wname, bname)]
+        rest_idx = torch.cat([off[k] + torch.arange(sizes[k]) for k in rnames] + [torch.zeros(0, dtype=torch.long)])
+        params = {**self.const, **self.theta}
+        W, bias = params[wname], None if layer.bias is None else params[prefix + "bias"]
+        inner = {k for k, _ in rest.named_parameters()} | {k for k, _ in rest.named_buffers()}
+        rest_fixed = {k: v for k, v in params.items() if k in inner and k not in rnames}
+        th_r = {k: self.theta[k] for k in rnames}
+
+        def rest_out(z: Tensor, th: dict) -> Tensor:
+            return functional_call(rest, {**rest_fixed, **th}, (z,))
+
+        def phi(z1: Tensor, th: dict, y1: Tensor) -> Tensor:  # one example's loss from the layer's output
+            return self.sample_loss(rest_out(z1.unsqueeze(0), th)[0], y1)
+
+        second = vmap(jacrev(grad(phi), argnums=(0, 1)), in_dims=(0, None, 0))  # d reverse passes per example
+        p_r = int(rest_idx.shape[0])
+        # A_i and u_i u_i^T are symmetric: only pairs j <= j' and k <= k' are multiplied (a quarter of the work)
+        pd, pk = torch.triu_indices(d, d, device=self.device), torch.triu_indices(K, K, device=self.device)
+        kron = torch.zeros(pd.shape[1], pk.shape[1], device=self.device, dtype=self.dtype)
+        cross = torch.zeros(K, p_r * d, device=self.device, dtype=self.dtype)
+        zs = []
+        for s in range(0, x.shape[0], rows):
+            xs, ys = x[s:s + rows], y[s:s + rows]
+            z = torch.nn.functional.linear(xs, W, bias).detach()
+            zs.append(z)
+            A, Bd = second(z, th_r, ys)  # A (r, d, d); Bd[k] (r, d, *shape_k)
+            U = torch.cat([xs, torch.ones_like(xs[:, :1])], 1) if bname is not None else xs
+            kron += A[:, pd[0], pd[1]].T @ (U[:, pk[0]] * U[:, pk[1]])
+            if p_r:
+                B = torch.cat([Bd[k].reshape(xs.shape[0], d, -1) for k in rnames], 2)  # (r, d, p_r)
+                cross += U.T @ B.reshape(xs.shape[0], -1)
+        if p_r:  # the rest's block: the same problem on the inputs z
+            z = torch.cat(zs)
+            R = self._chain_hessian(rest, z, y, rnames, rows, vector_chunk)
+            if R is None:
+                R = sum(self._rest_hessian(rest_out, th_r, z[s:s + rows], y[s:s + rows], vector_chunk)
+                        for s in range(0, x.shape[0], rows))
+        H = torch.zeros(sum(sizes.values()), sum(sizes.values()), device=self.device, dtype=self.dtype)
+        li = lead_idx.reshape(-1).to(self.device)
+        H[li[:, None], li[None, :]] = kron[_pair_index(d, self.device)[:, None, :, None],
+                                           _pair_index(K, self.device)[None, :, None, :]].reshape(d * K, d * K)
+        if p_r:
+            ri = rest_idx.to(self.device)
+            C = cross.reshape(K, d, p_r).transpose(0, 1).reshape(d * K, p_r)
+            H[li[:, None], ri[None, :]] = C
+            H[ri[:, None], li[None, :]] = C.T
+            H[ri[:, None], ri[None, :]] = R
+        return H.detach()
+
+    def _rest_hessian(self, rest_out: Callable, th: dict[str, Tensor], z: Tensor, y: Tensor, chunk: int) -> Tensor:
+        """``sum_i d^2 l_i / dth^2`` at fixed inputs ``z``: Hessian-vector products with basis vectors, ``chunk`` at
+        a time (reverse-over-reverse)."""
+        def total(t: dict) -> Tensor:
+            out = rest_out(z, t)
+            return self.loss(out, y) * out.shape[0] if self.fast_sum else vmap(self.sample_loss)(out, y).sum()
+
+        pull = vjp(grad(total), th)[1]
+        sizes = [v.numel() for v in th.values()]
+        eye = torch.eye(sum(sizes), device=self.device, dtype=self.dtype)
+        out = []
+        for c in range(0, eye.shape[0], chunk):
+            V = {k: v.reshape(-1, *th[k].shape) for k, v in zip(th, eye[c:c + chunk].split(sizes, 1))}
+            HV = vmap(pull)(V)[0]
+            out.append(torch.cat([HV[k].reshape(HV[k].shape[0], -1) for k in th], 1))
+        return torch.cat(out)
+
     def ggn_dense_sum(self, block: Block, x: Tensor, y: Tensor, chunk: int = 64) -> Tensor:
         """``sum_i J_i^T H^out_i J_i`` as a dense (size, size) matrix via per-example Jacobians."""
         t0 = self.flat_theta(block)
