@@ -4,11 +4,12 @@ Cells: dataset (mnist1d, digits) x label noise (uniform 0/10/20 %, structured 20
 framework's own modules and the same Lightning loop, 32 points per gradient step:
   uniform            32 random points of each big batch of 320 (constant lr)
   uniform_lr_decay   the same with cosine decay of the lr to zero over the budget (Kaddour et al. 2023)
-  reducible_loss     RHO-LOSS (IL model: MLP on the holdout, best-val-loss epoch, its cost timed)
+  reducible_loss     RHO-LOSS (IL model: the target's MLP on the holdout, all epochs, best-val-loss epoch, its cost
+                     timed)
   reducible_loss_small_il   variant (--methods, not run by default): RHO-LOSS with a cheap IL model, a one-hidden-
-                     layer MLP (64 units) trained briefly (--small-il-epochs, --small-il-lr) at batch 256, best val-loss epoch;
-                     its cost (data, training, IL pass) timed exactly as the full IL model's (the paper's section on
-                     small, briefly trained IL models)
+                     layer MLP (64 units) trained briefly at a large batch (--small-il-epochs, --small-il-batch,
+                     --small-il-lr) with early stopping on its val loss (--small-il-patience), best val-loss epoch; its
+                     cost timed exactly as the full IL model's (the paper's section on small, briefly trained IL models)
   ce_loss, gradnorm_ub   top-32 of 320 by training loss / last-layer gradient-norm bound
   selective_backprop forward 128, keep with probability percentile^3 (about 32 kept), backprop those
   infobatch          plain minibatches of 32 with InfoBatch pruning, as many epochs as uniform's data passes
@@ -20,7 +21,10 @@ the points trained on, and the selection overhead (scoring seconds / optimiser-s
 
 Timing: training seconds count data loading, scoring and optimiser steps (the test passes and validation are
 excluded); every cell starts with a warm-up fit that is not recorded; methods are interleaved within each seed, so
-machine load drifts hit all of them; the seeds are the repeats.
+machine load drifts hit all of them; the seeds are the repeats. IL cost: model build, Trainer start-up, the IL fit
+(its validation included) and the IL pass over target-train; building the datamodule is timed apart
+(``il_data_cpu_s``), as no method's data building is in its training seconds (``sp_cpu_il_with_data`` adds it back).
+Both IL fits log their metrics once per epoch (``EpochLoggedClassifier``: the same weights as per-step logging).
 
     python benchmarks/rho_speedup.py --cells mnist1d:uniform:0.1 --seeds 5       # the most important cell
     python benchmarks/rho_speedup.py --cells all --seeds 5
@@ -41,12 +45,13 @@ import torch
 
 from datamatters.data.digits import DigitsDataModule
 from datamatters.data.mnist1d import MNIST1DDataModule
-from datamatters.evaluation.speedup import EpochTestCurve, speedup_table
+from datamatters.evaluation.speedup import EpochTestCurve, bootstrap_ci, first_reach, speedup_table
 from datamatters.models import build_model
+from datamatters.selection.il_fit import EpochLoggedClassifier, early_stopping
 from datamatters.selection.il_store import ILTable
 from datamatters.selection.module import SelectiveModule
 from datamatters.selection.peers import build_peer
-from datamatters.training.classifier import ClassifierModule, evaluate_losses
+from datamatters.training.classifier import evaluate_losses
 from rho_speedup_table import goals, markdown, paired
 
 METHODS = ["uniform", "uniform_lr_decay", "reducible_loss", "infobatch", "full_data", "selective_backprop", "ce_loss",
@@ -54,7 +59,7 @@ METHODS = ["uniform", "uniform_lr_decay", "reducible_loss", "infobatch", "full_d
 VARIANTS = ["reducible_loss_small_il"]  # labelled variants, run only when named in --methods
 ALL_CELLS = [f"{d}:{k}:{p}" for d in ("mnist1d", "digits")
              for k, p in (("uniform", 0.1), ("uniform", 0.2), ("uniform", 0.0), ("structured", 0.2))]
-N_BIG, N_SMALL, SB_FORWARD, SMALL_IL_BATCH = 320, 32, 128, 256
+N_BIG, N_SMALL, SB_FORWARD = 320, 32, 128
 
 
 def make_dm(dataset: str, kind: str, noise: float, batch_size: int, data_dir: str):
@@ -72,33 +77,43 @@ def trainer(epochs: int, callbacks: list, val: bool = False):
 
 
 class BestVal(L.Callback):
+    """The best val-loss weights in memory (the framework's IL job keeps them as best.ckpt)."""
+
     def __init__(self):
-        self.best, self.state, self.acc = float("inf"), None, None
+        self.best, self.state, self.acc, self.epoch = float("inf"), None, None, None
 
     def on_validation_end(self, trainer, module):
         v = float(trainer.callback_metrics.get("val/loss", float("inf")))
         if v < self.best:
             self.best, self.state = v, copy.deepcopy(module.model.state_dict())
             self.acc = float(trainer.callback_metrics.get("val/acc", float("nan")))
+            self.epoch = int(trainer.current_epoch)
 
 
 def irreducible_losses(cell, seed: int, args, small: bool = False) -> tuple[ILTable, float, dict]:
-    """IL model on the holdout (best val-loss epoch), then eval-mode losses over target-train; its seconds.
-    ``small``: the cheap variant's IL model (MLP with one hidden layer of 64, ``--small-il-epochs`` at batch 256 and
-    ``--small-il-lr``)."""
+    """IL model on the holdout (best val-loss epoch), then eval-mode losses over target-train; its seconds (data
+    building timed apart). ``small``: the cheap variant's IL model (MLP with one hidden layer of 64,
+    ``--small-il-epochs`` at ``--small-il-batch`` and ``--small-il-lr``, early stopping after
+    ``--small-il-patience`` epochs without a lower val loss)."""
     L.seed_everything(seed, verbose=False)
     t0, c0 = time.perf_counter(), time.process_time()
-    dm = make_dm(*cell, SMALL_IL_BATCH if small else args.il_batch, args.data_dir)
+    dm = make_dm(*cell, args.small_il_batch if small else args.il_batch, args.data_dir)
     dm.fit_split = "holdout"
+    data_s, data_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     model = build_model("mlp", dm.input_shape, dm.num_classes, hidden=[64] if small else [256, 256])
     best = BestVal()
     lr = args.small_il_lr if small else args.il_lr
-    module = ClassifierModule(model, lambda p: torch.optim.AdamW(p, lr=lr), num_classes=dm.num_classes)
-    trainer(args.small_il_epochs if small else args.il_epochs, [best], val=True).fit(module, datamodule=dm)
+    module = EpochLoggedClassifier(model, lambda p: torch.optim.AdamW(p, lr=lr), num_classes=dm.num_classes)
+    fit = trainer(args.small_il_epochs if small else args.il_epochs,
+                  [best, *early_stopping(args.small_il_patience if small else None)], val=True)
+    fit.fit(module, datamodule=dm)
     model.load_state_dict(best.state)
     idx, loss, _ = evaluate_losses(model, dm.loader("train"))
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return ILTable(idx, loss), secs, {"il_val_acc": best.acc, "il_val_loss": best.best, "il_s": secs, "il_cpu_s": cpu,
+    return ILTable(idx, loss), secs, {"il_val_acc": best.acc, "il_val_loss": best.best, "il_best_epoch": best.epoch,
+                                      "il_epochs_trained": int(fit.current_epoch), "il_s": secs, "il_cpu_s": cpu,
+                                      "il_data_s": data_s, "il_data_cpu_s": data_cpu,
                                       "loadavg_1min": os.getloadavg()[0]}
 
 
@@ -157,10 +172,30 @@ def summarise(runs: list[dict]) -> list[dict]:
             row["train_s_total"] = float(np.mean([r["train_s"] for r in rs]))
             row["train_cpu_s_total"] = float(np.mean([r["train_cpu_s"] for r in rs]))
             row["final_acc_std"] = float(np.std([r["final_acc"] for r in rs]))
+            if any(r.get("il_data_cpu_s") is not None for r in rs):
+                m, lo, hi = bootstrap_ci(_cpu_il_with_data(runs, rs, baseline))
+                row.update(sp_cpu_il_with_data=m, sp_cpu_il_with_data_lo=lo, sp_cpu_il_with_data_hi=hi,
+                           il_cpu_s=float(np.mean([r["il_cpu_s"] for r in rs])),
+                           il_data_cpu_s=float(np.mean([r["il_data_cpu_s"] for r in rs])))
             if row["label"] == "infobatch" and baseline == "uniform":  # its goal: on the seeds both sides ran
                 row["paired"] = {o: p for o in ("full_data", "uniform") if (p := paired(runs, "infobatch", o))}
             rows.append(row)
     return rows
+
+
+def _cpu_il_with_data(runs: list[dict], rs: list[dict], baseline: str) -> list[float]:
+    """Per seed that reached the baseline's best test accuracy: baseline CPU seconds / (method CPU seconds + IL CPU
+    seconds + the IL's data building)."""
+    base = {r["seed"]: r for r in runs if r["method"] == baseline}
+    out = []
+    for r in rs:
+        b = base.get(r["seed"])
+        target = max(row["test_acc"] for row in b["curve"]) if b else None
+        hit = first_reach(r["curve"], target) if b else None
+        if hit is not None:
+            extra = (r.get("il_cpu_s") or 0.0) + (r.get("il_data_cpu_s") or 0.0)
+            out.append(first_reach(b["curve"], target)["train_cpu_s"] / max(hit["train_cpu_s"] + extra, 1e-12))
+    return out
 
 
 def main():
@@ -177,8 +212,10 @@ def main():
     ap.add_argument("--il-epochs", type=int, default=40)
     ap.add_argument("--il-batch", type=int, default=64)
     ap.add_argument("--il-lr", type=float, default=1e-3)
-    ap.add_argument("--small-il-epochs", type=int, default=20, help="IL epochs of the reducible_loss_small_il variant")
-    ap.add_argument("--small-il-lr", type=float, default=1e-2)
+    ap.add_argument("--small-il-epochs", type=int, default=30, help="most IL epochs of the reducible_loss_small_il variant")
+    ap.add_argument("--small-il-batch", type=int, default=1024)
+    ap.add_argument("--small-il-lr", type=float, default=5e-2)
+    ap.add_argument("--small-il-patience", type=int, default=2, help="early stopping: epochs without a lower val loss")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--out", default="benchmarks/results/rho_speedup.json")
     ap.add_argument("--budget-min", type=float, default=1e9, help="stop starting new cells after this many minutes")
@@ -206,8 +243,11 @@ def main():
         "setup": {"model": "MLP in-256-256-10, AdamW", "lr": args.lr, "n_B": N_BIG, "n_b": N_SMALL,
                   "percent_train": args.percent_train, "epochs": args.epochs, "il": {"epochs": args.il_epochs,
                   "batch": args.il_batch, "lr": args.il_lr, "model": "MLP in-256-256-10, best val-loss epoch"},
-                  "il_small (reducible_loss_small_il)": {"epochs": args.small_il_epochs, "batch": SMALL_IL_BATCH,
-                                                         "lr": args.small_il_lr, "model": "MLP in-64-10, best val-loss epoch"},
+                  "il_small (reducible_loss_small_il)": {
+                      "epochs": args.small_il_epochs, "batch": args.small_il_batch, "lr": args.small_il_lr,
+                      "patience": args.small_il_patience,
+                      "model": "MLP in-64-10, early stopping on val loss (patience), best val-loss epoch"},
+                  "il_logging": "both IL fits log once per epoch (EpochLoggedClassifier; same weights as per step)",
                   "selective_backprop": f"beta 3, forward batch {SB_FORWARD}, history 1024, 1 primed epoch",
                   "infobatch": f"prune_ratio 0.5, delta 0.875, batch {N_SMALL}, epochs = epochs * percent_train"},
         "cells_requested": cells, "methods": args.methods, "cells_run": [], "cells_not_run": [],
@@ -234,7 +274,8 @@ def main():
             for m in args.methods:
                 il, il_s, il_info = ils.get(m, (None, None, {}))
                 r = run_method(m, cell, seed, args, il)
-                r.update(cell=cell_s, method=m, seed=seed, il_s=il_s, il_cpu_s=il_info.get("il_cpu_s"))
+                r.update(cell=cell_s, method=m, seed=seed, il_s=il_s, il_cpu_s=il_info.get("il_cpu_s"),
+                         il_data_cpu_s=il_info.get("il_data_cpu_s"))
                 runs.append(r)
                 print(f"{cell_s} seed={seed} {m:18s} best={r['best_acc']:.3f} final={r['final_acc']:.3f} "
                       f"steps={r['steps']} train_s={r['train_s']:.1f} corrupted={r['corrupted_frac']:.3f} "
@@ -261,7 +302,10 @@ def merge(paths: list[str], dest: Path, extra: dict | None = None) -> None:
     part contributes its finished seeds. ``extra``: keys added as they are (e.g. what a reduced run left out)."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     out = {k: v for k, v in parts[0].items() if k not in ("runs", "summary", "goals", "il", "partial")}
-    runs = [r for p in parts for r in p["runs"] + (p.get("partial") or {}).get("runs", [])]
+    keyed = {}  # a later part's run replaces an earlier one of the same cell, method and seed (a re-run)
+    for r in (r for p in parts for r in p["runs"] + (p.get("partial") or {}).get("runs", [])):
+        keyed[(r["cell"], r["method"], r["seed"])] = r
+    runs = list(keyed.values())
     out.update(runs=runs, il={k: v for p in parts for k, v in p["il"].items()}, merged_from=list(paths))
     out["il_small"] = {k: v for p in parts for k, v in p.get("il_small", {}).items()}
     out["methods"] = [m for m in METHODS + VARIANTS if any(r["method"] == m for r in runs)]

@@ -84,3 +84,40 @@ def test_infobatch_goal_compares_only_the_seeds_both_sides_ran(tab):
     g = tab.goals({"mnist1d:uniform:0.2": c})["infobatch_mnist1d:uniform:0.2: acc within 0.5 pt of full data at >= 30% less time"]
     assert g["seeds"] == [0, 1] and g["acc_drop_points"] == pytest.approx(1.0) and not g["met"]
     assert g["vs_uniform_selecting_32_of_320"]["seeds"] == [1] and "unpaired" not in g
+
+
+def test_merge_replaces_a_rerun_and_adds_the_il_data_cost(tmp_path, monkeypatch):
+    """--merge of the committed JSON with a re-run of some methods: the re-run's (cell, method, seed) runs replace the
+    old ones, the other methods stay, and the IL's data building is added back in sp_cpu_il_with_data."""
+    import json
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("rho_speedup", ROOT / "benchmarks" / "rho_speedup.py")
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+
+    def run(method, rows, il=None, data=None, seed=0):
+        curve = [dict(epoch=e, step=10 * (e + 1), train_s=t, train_cpu_s=t, test_acc=a) for e, (t, a) in enumerate(rows)]
+        return {"cell": "c", "method": method, "seed": seed, "curve": curve, "il_s": il, "il_cpu_s": il,
+                "il_data_cpu_s": data, "final_acc": rows[-1][1], "corrupted_frac": 0.1, "overhead": 0.3,
+                "train_s": rows[-1][0], "train_cpu_s": rows[-1][0]}
+
+    old = {"runs": [run("uniform", [(1.0, 0.5), (2.0, 0.6)]), run("ce_loss", [(3.0, 0.6)]),
+                    run("reducible_loss_small_il", [(0.5, 0.6)], il=1.0)],
+           "il": {}, "il_small": {"c:0": {"il_cpu_s": 1.0}}, "cells_requested": ["c"], "setup": {}}
+    new = {"runs": [run("uniform", [(1.0, 0.5), (2.0, 0.6)]),
+                    run("reducible_loss_small_il", [(0.4, 0.6)], il=0.3, data=0.3)],
+           "il": {}, "il_small": {"c:0": {"il_cpu_s": 0.3}}, "cells_requested": ["c"], "setup": {}}
+    paths = []
+    for name, d in (("old", old), ("new", new)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(d))
+    rs.merge([str(p) for p in paths], tmp_path / "out.json")
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert sorted(r["method"] for r in out["runs"]) == ["ce_loss", "reducible_loss_small_il", "uniform"]
+    assert out["il_small"]["c:0"]["il_cpu_s"] == 0.3
+    row = next(r for r in out["summary"]["c"] if r["baseline"] == "uniform" and r["label"] == "reducible_loss_small_il")
+    assert row["sp_cpu_il"] == pytest.approx(2.0 / 0.7) and row["sp_cpu_il_with_data"] == pytest.approx(2.0 / 1.0)
+    assert row["il_data_cpu_s"] == pytest.approx(0.3)
+    ce = next(r for r in out["summary"]["c"] if r["baseline"] == "uniform" and r["label"] == "ce_loss")
+    assert ce["sp_cpu"] == pytest.approx(2.0 / 3.0) and "sp_cpu_il_with_data" not in ce
