@@ -184,11 +184,15 @@ def test_the_data_is_held_once_not_copied():
 
 
 class TrainedSubsets(ModelUtility):
-    """Records the subsets each evaluate() call hands to the model (after empty/duplicate removal)."""
+    """Records the subsets each evaluate() call trains (after empty/duplicate removal)."""
 
-    def _compute_many(self, masks):
-        self.trained.append(np.array(masks))
-        return super()._compute_many(masks)
+    def _evaluate(self, masks, distinct=False):
+        self.trained.append([])
+        return super()._evaluate(masks, distinct)
+
+    def _fit_score(self, r):
+        self.trained[-1].append(r.copy())
+        return super()._fit_score(r)
 
 
 def walk(perms, utility, truncation, total):
@@ -215,10 +219,11 @@ def test_prefix_walk_equals_the_definition_and_trains_no_subset_twice_per_call(b
     total = u.evaluate(np.ones((1, 6), bool))[0]
     trunc = RelativeTruncation(0.05, 0.3)
     expected = walk(perms, u, trunc, total)
-    u.trained = []
+    u.trained, before = [], u.n_evaluations
     got = prefix_utilities(perms, u, trunc, total, block)
     np.testing.assert_array_equal(got, expected)
     assert (expected[:, 1:-1] == expected[:, -1:]).all(1).any()  # some permutations truncated early
+    assert sum(map(len, u.trained)) == u.n_evaluations - before  # every trained subset recorded
     assert all(len({m.tobytes() for m in call}) == len(call) for call in u.trained)  # each set once per call
     burn_in = (np.argsort(perms, 1)[:, None, :] <= np.arange(2)[None, :, None]).reshape(-1, 6)
     assert len({m.tobytes() for m in burn_in}) < len(burn_in)  # ...although the block repeats sets

@@ -47,7 +47,7 @@ def _player_keys(n: int) -> np.ndarray:
 def _prefix_hashes(perms: np.ndarray) -> np.ndarray:
     """A hash per prefix: the wrapping sum of its members' keys. Equal sets hash equal, so distinct hashes prove
     distinct prefixes."""
-    return np.cumsum(_player_keys(perms.shape[1])[perms], axis=1, dtype=np.uint64)
+    return np.add.accumulate(_player_keys(perms.shape[1])[perms], axis=1)  # uint64: wraps, never overflows
 
 
 def prefix_utilities(perms: np.ndarray, utility: Utility, truncation, total: float | None,
@@ -72,6 +72,9 @@ def prefix_utilities(perms: np.ndarray, utility: Utility, truncation, total: flo
         m = len(rows)
         step = block or max(1, math.ceil(utility.preferred_batch / m))
         end = first if pos < first else min(n, pos + step)
+        if m == 1 and end == pos + 1:  # one permutation left, one prefix per step: walk it on plain values
+            _walk(perms[rows[0]], ranks[rows[0]] < pos, pos, U[rows[0]], utility, truncation, total)
+            break
         k = end - pos
         masks = (run_ranks[:, None, :] <= positions[pos:end]).reshape(m * k, n)
         distinct = m == 1 or len(set(hashes[run_idx, pos:end].ravel().tolist())) == m * k
@@ -92,6 +95,21 @@ def prefix_utilities(perms: np.ndarray, utility: Utility, truncation, total: flo
                 run_ranks, run_idx = run_ranks[keep], np.asarray(rows, np.intp)
         pos = end
     return U
+
+
+def _walk(order: np.ndarray, mask: np.ndarray, pos: int, u_row: np.ndarray, utility: Utility, truncation,
+          total: float | None) -> None:
+    """``prefix_utilities`` for a single permutation from position ``pos`` (``mask``: its prefix before it), one
+    prefix per evaluation, until it truncates or ends; writes into ``u_row``."""
+    n = len(order)
+    while pos < n:
+        mask[order[pos]] = True
+        u = float(utility._evaluate(mask[None].copy(), distinct=True)[0])
+        u_row[pos] = u
+        pos += 1
+        if truncation.fires(pos, u, n, total):
+            u_row[pos:] = u
+            return
 
 
 class SemivalueValuation(Valuation):

@@ -54,27 +54,24 @@ class UtilityCache:
 
 
 def subset_keys(masks: np.ndarray) -> list[bytes]:
-    packed = np.packbits(np.asarray(masks, bool), axis=1)
-    return [row.tobytes() for row in packed]
+    """One ``bytes`` key per subset: its packed bit mask (each row's bytes, read in one call, not row by row)."""
+    packed = np.ascontiguousarray(np.packbits(np.asarray(masks, bool), axis=1))
+    return packed.view(np.dtype((np.void, packed.shape[1]))).ravel().tolist()
 
 
 def _distinct(masks: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Rows of the first occurrence of each distinct subset, in their original order (so that warm starts see the
-    same sequence), and for every row the position of its subset among them; (None, None) when all differ."""
-    if len(masks) <= 16:  # a TMC step: a set of the rows beats packing and sorting
-        if len({m.tobytes() for m in masks}) == len(masks):
-            return None, None
-    packed = np.ascontiguousarray(np.packbits(masks, axis=1))
-    if len({row.tobytes() for row in packed}) == len(masks):  # the usual case: faster than sorting
+    same sequence), and for every row the position of its subset among them; (None, None) when all differ. One
+    pass over the packed rows' bytes: a dict keeps first-occurrence order, so nothing is sorted."""
+    keys = subset_keys(masks)
+    if len(set(keys)) == len(keys):  # the usual case
         return None, None
-    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
-    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
-    if len(first) == len(masks):
-        return None, None
-    order = np.argsort(first)  # distinct subsets by first occurrence
-    rank = np.empty_like(order)
-    rank[order] = np.arange(len(order))
-    return first[order], rank[inverse.ravel()]
+    first_of: dict[bytes, int] = {}
+    for j, k in enumerate(keys):
+        first_of.setdefault(k, j)
+    rank = {k: i for i, k in enumerate(first_of)}
+    return (np.fromiter(first_of.values(), np.intp, len(first_of)),
+            np.fromiter(map(rank.__getitem__, keys), np.intp, len(keys)))
 
 
 def subset_ids(masks: np.ndarray) -> np.ndarray:
@@ -263,7 +260,8 @@ class Utility:
 
     def evaluate(self, masks: np.ndarray) -> np.ndarray:
         """u(S) for each row of ``masks`` (B, n players): (B,) scores, or (B, C) for class-wise scorers."""
-        self._require_data()
+        if self.data is None:
+            self._require_data()
         masks = np.asarray(masks, dtype=bool)
         if masks.ndim != 2 or masks.shape[1] != len(self.data):
             raise UserError(f"subset masks must have shape (B, {len(self.data)}), got {masks.shape}")
@@ -470,16 +468,19 @@ class ModelUtility(Utility):
 
         return clone(self.model).set_params(warm_start=True)
 
-    def _compute_many(self, masks):
-        """One subset in this process (a TMC step, a user's ``u(S)``): fitted and scored inline, without the
-        batch's arrays (their fixed cost is several times the fit of a trivial model)."""
-        if len(masks) != 1 or self._executor is not None or self.n_outputs is not None:
-            return super()._compute_many(masks)
+    def _evaluate(self, masks, distinct=False):
+        """One subset in this process (a TMC step, a user's ``u(S)``) is fitted and scored inline, without the
+        batch's arrays and checks: their fixed cost is several times the fit of a trivial model."""
+        if (len(masks) != 1 or not self._env_held or self.cache is not None or self._executor is not None
+                or getattr(self.scorer, "n_outputs", None) is not None or not (distinct or np.count_nonzero(masks))):
+            return super()._evaluate(masks, distinct)
         r = masks[0] if self.data.group_labels is None else masks[0][self.data.group_of_row]
         score, status = self._fit_score(r)
         if status == OK and score == score:  # not NaN
             self.n_evaluations += 1
-            return np.array([score], float)
+            out = np.empty(1)
+            out[0] = score
+            return out
         if status == OK:
             status = self._nan_status(int(r.sum()))
         return self._record(np.array([score], float), np.array([status], np.int8))
