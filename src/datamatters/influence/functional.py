@@ -11,6 +11,7 @@ training data, and its curvature is what the influence methods invert.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -177,10 +178,12 @@ class ModelFunction:
         return H.detach()
 
     # ---- dense curvature on one batch (sums) ---------------------------------------------------------------
-    def _leading_linear(self, module: nn.Module, x: Tensor, names: Sequence[str]):
-        """``(x, layer, prefix, rest)``: ``module`` is ``nn.Linear`` or an ``nn.Sequential`` whose first child
-        holding parameters of ``names`` is an ``nn.Linear`` on (n, features) inputs; the children before it are
-        applied to ``x``; ``rest`` (the children after it) does not reuse its parameters. Else None."""
+    def _leading_linear(self, module: nn.Module, x: Tensor, names: Sequence[str]) -> SimpleNamespace | None:
+        """Where ``module`` is ``nn.Linear`` or an ``nn.Sequential`` whose first child holding parameters of ``names``
+        is an ``nn.Linear`` on (n, features) inputs (the children before it are applied to ``x``) and the children
+        after it (``rest``) do not reuse its parameters: the layer's input ``u`` (a 1 appended when its bias is in
+        ``names``), its output ``z``, the positions of its parameters (d, K) and of the others among ``names``, and
+        ``rest_out(z, th)``. Else None."""
         if isinstance(module, nn.Linear):
             layer, prefix, rest = module, "", nn.Sequential()
         elif isinstance(module, nn.Sequential):
@@ -199,7 +202,29 @@ class ModelFunction:
             return None
         if {id(p) for p in layer.parameters()} & {id(p) for p in rest.parameters()}:
             return None  # tied weights: the rest's use of them would be missed
-        return x, layer, prefix, rest
+        wname, bname = prefix + "weight", prefix + "bias"
+        with_bias = layer.bias is not None and bname in names
+        d, n_in = layer.out_features, layer.in_features
+        sizes = {k: self.theta[k].numel() for k in names}
+        off = dict(zip(names, torch.tensor([0] + list(sizes.values())).cumsum(0).tolist()))
+        lead_idx = off[wname] + torch.arange(d * n_in).reshape(d, n_in)
+        if with_bias:
+            lead_idx = torch.cat([lead_idx, off[bname] + torch.arange(d)[:, None]], 1)
+        rnames = [k for k in names if k not in (wname, bname)]
+        rest_idx = torch.cat([off[k] + torch.arange(sizes[k]) for k in rnames] + [torch.zeros(0, dtype=torch.long)])
+        params = {**self.const, **self.theta}
+        inner = {k for k, _ in rest.named_parameters()} | {k for k, _ in rest.named_buffers()}
+        rest_fixed = {k: v for k, v in params.items() if k in inner and k not in rnames}
+
+        def rest_out(z: Tensor, th: dict) -> Tensor:
+            return functional_call(rest, {**rest_fixed, **th}, (z,))
+
+        with torch.no_grad():
+            z = torch.nn.functional.linear(x, params[wname], params[bname] if layer.bias is not None else None)
+        return SimpleNamespace(
+            u=torch.cat([x, torch.ones_like(x[:, :1])], 1) if with_bias else x, z=z, d=d, K=n_in + with_bias,
+            size=sum(sizes.values()), lead_idx=lead_idx.reshape(-1).to(self.device), rest_idx=rest_idx.to(self.device),
+            rnames=rnames, th_r={k: self.theta[k] for k in rnames}, rest=rest, rest_out=rest_out)
 
     def leading_linear_hessian_sum(self, block: Block, x: Tensor, y: Tensor, rows: int = 256,
                                    vector_chunk: int = 64) -> Tensor | None:
@@ -218,62 +243,36 @@ class ModelFunction:
         per weight (MNIST-1D MLP 40-32-10, 1,000 rows: 0.5 s instead of 2.2 s, one thread). The rest
         of the network's block is the same problem on the inputs ``z`` (recursively), or Hessian-vector products
         in its parameters only where it does not start with a Linear layer."""
-        lead = self._leading_linear(module, x, names)
-        if lead is None:
+        s = self._leading_linear(module, x, names)
+        if s is None:
             return None
-        x, layer, prefix, rest = lead
-        wname, bname = prefix + "weight", (prefix + "bias" if layer.bias is not None else None)
-        bname = bname if bname in names else None
-        d, n_in = layer.out_features, layer.in_features
-        K = n_in + (bname is not None)
-        sizes = {k: self.theta[k].numel() for k in names}
-        off = dict(zip(names, torch.tensor([0] + list(sizes.values())).cumsum(0).tolist()))
-        lead_idx = off[wname] + torch.arange(d * n_in).reshape(d, n_in)
-        if bname is not None:
-            lead_idx = torch.cat([lead_idx, off[bname] + torch.arange(d)[:, None]], 1)
-        rnames = [k for k in names if k not in (wname, bname)]
-        rest_idx = torch.cat([off[k] + torch.arange(sizes[k]) for k in rnames] + [torch.zeros(0, dtype=torch.long)])
-        params = {**self.const, **self.theta}
-        W, bias = params[wname], None if layer.bias is None else params[prefix + "bias"]
-        inner = {k for k, _ in rest.named_parameters()} | {k for k, _ in rest.named_buffers()}
-        rest_fixed = {k: v for k, v in params.items() if k in inner and k not in rnames}
-        th_r = {k: self.theta[k] for k in rnames}
-
-        def rest_out(z: Tensor, th: dict) -> Tensor:
-            return functional_call(rest, {**rest_fixed, **th}, (z,))
+        d, K, rnames, rest_out = s.d, s.K, s.rnames, s.rest_out
 
         def phi(z1: Tensor, th: dict, y1: Tensor) -> Tensor:  # one example's loss from the layer's output
             return self.sample_loss(rest_out(z1.unsqueeze(0), th)[0], y1)
 
         second = vmap(jacrev(grad(phi), argnums=(0, 1)), in_dims=(0, None, 0))  # d reverse passes per example
-        p_r = int(rest_idx.shape[0])
+        p_r = int(s.rest_idx.shape[0])
         # A_i and u_i u_i^T are symmetric: only pairs j <= j' and k <= k' are multiplied (a quarter of the work)
         pd, pk = torch.triu_indices(d, d, device=self.device), torch.triu_indices(K, K, device=self.device)
         kron = torch.zeros(pd.shape[1], pk.shape[1], device=self.device, dtype=self.dtype)
-        cross = torch.zeros(K, p_r * d, device=self.device, dtype=self.dtype)
-        zs = []
-        for s in range(0, x.shape[0], rows):
-            xs, ys = x[s:s + rows], y[s:s + rows]
-            z = torch.nn.functional.linear(xs, W, bias).detach()
-            zs.append(z)
-            A, Bd = second(z, th_r, ys)  # A (r, d, d); Bd[k] (r, d, *shape_k)
-            U = torch.cat([xs, torch.ones_like(xs[:, :1])], 1) if bname is not None else xs
+        cross = torch.zeros(K, d * p_r, device=self.device, dtype=self.dtype)
+        for r in range(0, x.shape[0], rows):
+            U, z, ys = s.u[r:r + rows], s.z[r:r + rows], y[r:r + rows]
+            A, Bd = second(z, s.th_r, ys)  # A (r, d, d); Bd[k] (r, d, *shape_k)
             kron += A[:, pd[0], pd[1]].T @ (U[:, pk[0]] * U[:, pk[1]])
             if p_r:
-                B = torch.cat([Bd[k].reshape(xs.shape[0], d, -1) for k in rnames], 2)  # (r, d, p_r)
-                cross += U.T @ B.reshape(xs.shape[0], -1)
-        if p_r:  # the rest's block: the same problem on the inputs z
-            z = torch.cat(zs)
-            R = self._chain_hessian(rest, z, y, rnames, rows, vector_chunk)
-            if R is None:
-                R = sum(self._rest_hessian(rest_out, th_r, z[s:s + rows], y[s:s + rows], vector_chunk)
-                        for s in range(0, x.shape[0], rows))
-        H = torch.zeros(sum(sizes.values()), sum(sizes.values()), device=self.device, dtype=self.dtype)
-        li = lead_idx.reshape(-1).to(self.device)
+                B = torch.cat([Bd[k].reshape(z.shape[0], d, -1) for k in rnames], 2)  # (r, d, p_r)
+                cross += U.T @ B.reshape(z.shape[0], -1)
+        H = torch.zeros(s.size, s.size, device=self.device, dtype=self.dtype)
+        li, ri = s.lead_idx, s.rest_idx
         H[li[:, None], li[None, :]] = kron[_pair_index(d, self.device)[:, None, :, None],
                                            _pair_index(K, self.device)[None, :, None, :]].reshape(d * K, d * K)
-        if p_r:
-            ri = rest_idx.to(self.device)
+        if p_r:  # the rest's block: the same problem on the inputs z
+            R = self._chain_hessian(s.rest, s.z, y, rnames, rows, vector_chunk)
+            if R is None:
+                R = sum(self._rest_hessian(rest_out, s.th_r, s.z[r:r + rows], y[r:r + rows], vector_chunk)
+                        for r in range(0, x.shape[0], rows))
             C = cross.reshape(K, d, p_r).transpose(0, 1).reshape(d * K, p_r)
             H[li[:, None], ri[None, :]] = C
             H[ri[:, None], li[None, :]] = C.T
