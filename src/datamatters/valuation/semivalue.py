@@ -60,8 +60,7 @@ def prefix_utilities(perms: np.ndarray, utility: Utility, truncation, total: flo
     permutations' ranks are re-gathered only when one stops, truncation is checked on plain floats, and the
     utility is told when the prefix hashes prove the step's subsets distinct (no duplicate search)."""
     B, n = perms.shape
-    ranks = np.empty_like(perms)
-    ranks[np.arange(B)[:, None], perms] = np.arange(n)[None, :]
+    ranks = np.argsort(perms, axis=1)  # the inverse permutations: a player's position
     U = np.empty((B, n))
     hashes = _prefix_hashes(perms) if B > 1 else None
     positions = np.arange(n)[:, None]

@@ -279,15 +279,19 @@ class Utility:
         if self.cache is None and (distinct or (B == 1 and np.count_nonzero(masks))):  # nothing to deduplicate
             return self._compute_many(masks).reshape(shape)
         filled = masks.any(1)
-        if self.cache is None and filled.all() and _distinct(masks)[0] is None:  # the usual batch: as it is
-            return self._compute_many(masks).reshape(shape)
+        first = inverse = None
+        if self.cache is None and filled.all():
+            first, inverse = _distinct(masks)
+            if first is None:  # the usual batch: as it is
+                return self._compute_many(masks).reshape(shape)
         out = np.full(shape, self.default, dtype=float)
         nonempty = np.flatnonzero(filled)
         if len(nonempty) == 0:
             return out
         sub = masks if len(nonempty) == B else masks[nonempty]
         if self.cache is None:  # vectorised: no Python work per subset
-            first, inverse = _distinct(sub)
+            if first is None:  # not searched yet: some subsets were empty
+                first, inverse = _distinct(sub)
             if first is None:
                 out[nonempty] = self._compute_many(sub).reshape((len(sub),) + shape[1:])
             else:
@@ -514,8 +518,11 @@ class ModelUtility(Utility):
         rows = self.data.row_masks(masks)
         scores = np.zeros((len(masks),) + (() if self.n_outputs is None else (self.n_outputs,)))
         status = np.zeros(len(masks), np.int8)
+        fit_score = self._fit_score
         for j, r in enumerate(rows):
-            scores[j], status[j] = self._fit_score(r)
+            scores[j], st = fit_score(r)
+            if st:
+                status[j] = st
         nan = np.isnan(scores)
         if np.count_nonzero(nan):
             nan = nan.reshape(len(masks), -1).any(1)
