@@ -24,10 +24,10 @@ Rows (per model):
   (``strategy="ekfac"``, its default sampled-label Fisher) under the same absolute damping (the job's
   0.1 x mean Gauss-Newton eigenvalue); both with the empirical Fisher (a deterministic like-for-like check of the
   algebra); and kronfluence with its own default damping (0.1 x mean eigenvalue per layer), the number a user gets.
-  kronfluence's sampled labels are drawn from torch's global generator, seeded (0) before each of its runs; a run with
-  seed 1 gives its run-to-run agreement (``ekfac (kronfluence seed 0 vs 1)``): if each sampled-label run is the
-  expectation plus independent noise, ours-vs-kronfluence is expected at ``sqrt(r)`` of its seed-vs-seed ``r``, and
-  rises towards 1 against the mean of the two seeds' scores.
+  kronfluence's sampled labels are drawn from torch's global generator, seeded (0) before each of its runs; runs with
+  seeds 0..``--kron-seeds``-1 give its run-to-run agreement (``ekfac (kronfluence across seeds)``): if each
+  sampled-label run is the expectation plus independent noise, ours-vs-kronfluence is expected at ``sqrt(r)`` of its
+  seed-vs-seed ``r``, and rises towards 1 against the mean of more seeds' scores.
   Scores: ``g_test^T (F + lambda)^-1 g_train`` with loss gradients on both sides; agreement = Pearson over the whole
   test x train matrix.
 
@@ -262,7 +262,33 @@ def kronfluence_ekfac(p, damping, empirical: bool, seed: int = 0):
         shutil.rmtree(work, ignore_errors=True)
 
 
-def ekfac_side_by_side(p, s, spectrum, reps: int) -> list[dict]:
+def kronfluence_seeds(p, lam: float, ours, kron0, n: int) -> dict:
+    """kronfluence's sampled-label EK-FAC with seeds 0..n-1 of its label sampling (``kron0``: seed 0's scores),
+    against itself and against ours (the exact expectation). If each run is the expectation plus independent noise
+    of equal size, with ``r`` the mean seed-vs-seed Pearson, ours vs the mean of ``m`` seeds is expected at
+    ``sqrt(m r / (1 + (m - 1) r))`` (``sqrt(r)`` for one seed) and tends to 1 with ``m``."""
+    runs, secs = [kron0], []
+    for sd in range(1, n):
+        k, t = timed(lambda: kronfluence_ekfac(p, lam, False, seed=sd))
+        runs.append(k)
+        secs.append(round(t, 3))
+    pairs = [pearson(runs[i], runs[j]) for i in range(n) for j in range(i + 1, n)]
+    r = float(np.mean(pairs))
+    vs_mean = [pearson(ours, np.mean(runs[:m], axis=0)) for m in range(1, n + 1)]
+    return {"method": "ekfac (kronfluence across seeds)", "damping": lam, "seeds": n,
+            "note": "kronfluence's default sampled-label Fisher with seeds 0..n-1 of its label sampling, against "
+                    "itself and against ours (exact expectation); expected_if_noise: ours vs the mean of m seeds if "
+                    "the runs were the expectation plus independent equal noise",
+            "kronfluence_lds_per_seed": [lds(p, k)["lds"] for k in runs],
+            "kronfluence_mean_of_seeds": lds(p, np.mean(runs, axis=0)), "kronfluence_s": secs,
+            "pearson_seed_vs_seed": [round(x, 5) for x in pairs], "pearson_seed_vs_seed_mean": round(r, 5),
+            "pearson_ours_vs_each_seed": [round(pearson(ours, k), 5) for k in runs],
+            "pearson_ours_vs_mean_of_m_seeds": [round(x, 5) for x in vs_mean],
+            "expected_if_noise": [round(float(np.sqrt(max(m * r / (1 + (m - 1) * r), 0.0))), 5)
+                                  for m in range(1, n + 1)]}
+
+
+def ekfac_side_by_side(p, s, spectrum, reps: int, seeds: int = 5) -> list[dict]:
     lam = float(s.damping_factor) * spectrum["mean"]
     rows = []
     for ours_f, ref_emp, what in (("ggn", False, "default Fisher on both sides (ours exact expectation, kronfluence "
@@ -280,19 +306,7 @@ def ekfac_side_by_side(p, s, spectrum, reps: int) -> list[dict]:
     kd, t = timed(lambda: kronfluence_ekfac(p, None, False))
     rows.append({"method": "ekfac (kronfluence's own damping: 0.1 x mean eigenvalue per layer)",
                  "kronfluence": {**lds(p, kd), "s": [round(t, 3)]}})
-    k1, t = timed(lambda: kronfluence_ekfac(p, lam, False, seed=1))
-    r_kk, r_o1, r_om = pearson(kron0, k1), pearson(ours_ggn, k1), pearson(ours_ggn, (kron0 + k1) / 2)
-    rows.append({"method": "ekfac (kronfluence seed 0 vs 1)", "damping": lam,
-                 "note": "kronfluence's default sampled-label Fisher run with two seeds of its label sampling, "
-                         "against itself and against ours (exact expectation)",
-                 "kronfluence_seed1": {**lds(p, k1), "s": [round(t, 3)]},
-                 "pearson_kronfluence_seed0_vs_seed1": round(r_kk, 5),
-                 "pearson_ours_vs_kronfluence_seed0": round(pearson(ours_ggn, kron0), 5),
-                 "pearson_ours_vs_kronfluence_seed1": round(r_o1, 5),
-                 "pearson_ours_vs_kronfluence_mean_of_2_seeds": round(r_om, 5),
-                 "expected_if_sampling_noise": {"ours_vs_one_seed": round(float(np.sqrt(max(r_kk, 0.0))), 5),
-                                                "ours_vs_mean_of_2": round(float(np.sqrt(max(2 * r_kk / (1 + r_kk),
-                                                                                              0.0))), 5)}})
+    rows.append(kronfluence_seeds(p, lam, ours_ggn, kron0, seeds))
     return rows
 
 
@@ -320,15 +334,16 @@ def markdown(res: dict) -> str:
                              f"{min(r['kronfluence']['s']):.3g} | Pearson {r['pearson']:.4f} >= 0.99: "
                              f"{yn(r['goal_pearson_0.99'])}; no slower: {r['speedup_min']}x, "
                              f"{yn(r['goal_no_slower'])} |")
-            elif m == "ekfac (kronfluence seed 0 vs 1)":
-                e = r["expected_if_sampling_noise"]
-                lines.append(f"| {name} | kronfluence EK-FAC seed 1 vs seed 0 (its sampled labels), damping "
-                             f"{r['damping']:.3g} | - | {r['kronfluence_seed1']['lds']:.3f} | - | "
-                             f"{min(r['kronfluence_seed1']['s']):.3g} | Pearson kronfluence vs itself "
-                             f"{r['pearson_kronfluence_seed0_vs_seed1']:.4f}; ours vs it "
-                             f"{r['pearson_ours_vs_kronfluence_seed1']:.4f} (noise alone: {e['ours_vs_one_seed']:.4f})"
-                             f"; ours vs the mean of its 2 seeds {r['pearson_ours_vs_kronfluence_mean_of_2_seeds']:.4f}"
-                             f" (noise alone: {e['ours_vs_mean_of_2']:.4f}) |")
+            elif m == "ekfac (kronfluence across seeds)":
+                n, ls, each = r["seeds"], r["kronfluence_lds_per_seed"], r["pearson_ours_vs_each_seed"]
+                pr = r["pearson_seed_vs_seed"]
+                lines.append(f"| {name} | kronfluence EK-FAC, {n} seeds of its sampled labels, damping "
+                             f"{r['damping']:.3g} | - | {min(ls):.3f}-{max(ls):.3f} (mean of the {n} seeds' scores: "
+                             f"{r['kronfluence_mean_of_seeds']['lds']:.3f}) | - | {min(r['kronfluence_s']):.3g} | "
+                             f"Pearson seed vs seed {min(pr):.3f}-{max(pr):.3f}; ours vs one seed "
+                             f"{min(each):.3f}-{max(each):.3f} (equal noise alone: {r['expected_if_noise'][0]:.3f}); "
+                             f"ours vs the mean of the {n} seeds {r['pearson_ours_vs_mean_of_m_seeds'][-1]:.4f} "
+                             f"(noise alone: {r['expected_if_noise'][-1]:.4f}) |")
             elif m.startswith("ekfac (kronfluence"):
                 lines.append(f"| {name} | kronfluence EK-FAC, its own damping | - | {r['kronfluence']['lds']:.3f} | "
                              f"- | {min(r['kronfluence']['s']):.3g} | (the number a kronfluence user gets) |")
@@ -341,8 +356,9 @@ def markdown(res: dict) -> str:
         pr = r["protocol"]
         parts = pr.get("parts", ["trak", "ekfac"])
         reps = "+".join(str(pr.get("trak_reps", pr["reps"]) if x == "trak" else pr["reps"]) for x in parts)
-        extra = f" ({pr['trak_dtype']} TRAK)" if pr.get("trak_dtype") else ""
-        return f"{'/'.join(r.get('models', [])) or 'run'}{extra}: repetitions {reps}, {load(r)}"
+        names = {"trak": f"TRAK {pr.get('trak_dtype') or 'float64'}", "ekfac": "EK-FAC"}
+        return (f"{'/'.join(r.get('models', [])) or 'run'} ({'+'.join(names[x] for x in parts)}): repetitions {reps}, "
+                f"{load(r)}")
 
     per = "; ".join(what(r) for r in runs)
     return "\n".join(lines) + (f"\n\n_From `benchmarks/results/attribution_refs.json` (traker "
@@ -350,7 +366,8 @@ def markdown(res: dict) -> str:
                                f"{res['versions']['torch']}; 1 thread on a {res['machine']['cpus']}-core machine "
                                f"shared with other sessions; seconds: min over TRAK+EK-FAC repetitions, "
                                f"ours/reference alternating, "
-                               f"attribution work only; {per})._")
+                               f"attribution work only; runs in order, a later run's rows replace the rows it "
+                               f"repeats: {per})._")
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -364,6 +381,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--trak-reps", type=int, default=None, help="repetitions of the TRAK timings (default --reps)")
     ap.add_argument("--parts", nargs="+", default=["trak", "ekfac"], choices=["trak", "ekfac"])
+    ap.add_argument("--kron-seeds", type=int, default=5, help="seeds of kronfluence's label sampling compared")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--note", default="")
     ap.add_argument("--tag", default="", help="a short name for the model's run/recipe, shown in the table")
@@ -390,7 +408,7 @@ def main() -> None:
            "protocol": {"run": str(a.run), "reps": a.reps, "trak_reps": a.trak_reps or a.reps,
                         "trak_counts": a.trak_counts, "trak_dims": a.trak_dims, "parts": a.parts,
                         "trak_outputs": a.trak_outputs, "trak_dtype": a.trak_dtype,
-                        "trak_damping_factor": a.trak_damping_factor,
+                        "trak_damping_factor": a.trak_damping_factor, "kron_seeds": a.kron_seeds,
                         "threads": 1, "timing": "min over reps, ours/reference alternating; attribution work only "
                         "(model trainings shared)", "note": a.note},
            "versions": {k: version(k) for k in ("traker", "kronfluence", "torch")},
@@ -418,7 +436,7 @@ def main() -> None:
                     r["job_lds"] = round(job_rows[base]["lds"], 4)
                     assert abs(r["job_lds"] - r["ours"]["lds"]) < 1e-3, (r["method"], r["job_lds"], r["ours"]["lds"])
         if "ekfac" in a.parts:
-            rec["rows"] += ekfac_side_by_side(p, s, spectrum, a.reps)
+            rec["rows"] += ekfac_side_by_side(p, s, spectrum, a.reps, a.kron_seeds)
             # the job's ``ekfac`` row is ours with the default (Gauss-Newton) Fisher at the same damping rule
             ours_ggn = next(r for r in rec["rows"] if r["method"] == "ekfac (ggn)")
             if "ekfac" in job_rows:
@@ -427,9 +445,10 @@ def main() -> None:
         rec["machine_loadavg_1min_end"] = run_rec["machine"]["loadavg_1min_end"] = os.getloadavg()[0]
         run_rec["models"].append(label)
         old = res["models"].get(label)
-        if a.merge and old is not None:  # keep the earlier rows of other methods, this run's rows after them
+        if a.merge and old is not None:  # keep the earlier rows of other methods (EK-FAC: all replaced), then these
             new = {r["method"] for r in rec["rows"]}
-            rec = {**old, "rows": [r for r in old["rows"] if r["method"] not in new] + rec["rows"],
+            gone = lambda m: m in new or ("ekfac" in a.parts and m.startswith("ekfac ("))  # noqa: E731
+            rec = {**old, "rows": [r for r in old["rows"] if not gone(r["method"])] + rec["rows"],
                    "machine_loadavg_1min_end": rec["machine_loadavg_1min_end"]}
         res["models"][label] = rec
         a.out.parent.mkdir(parents=True, exist_ok=True)
