@@ -183,6 +183,41 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
+def step_logging_cost(args, cell=("mnist1d", "uniform", 0.2), epochs: int = 10, reps: int = 3) -> dict:
+    """CPU ms per uniform step (first cell given, else mnist1d 20%) as the module runs, without its per-step
+    ``self.log`` of train/loss and train/acc, and also without the accuracy metric update; interleaved per rep."""
+    if args.cells and args.cells != ["all"]:
+        d, k, p = args.cells[0].split(":")
+        cell = (d, k, float(p))
+    sub = argparse.Namespace(**{**vars(args), "epochs": epochs})
+
+    def one(mode: str, seed: int):
+        L.seed_everything(seed, verbose=False)
+        dm, module, n = build("uniform", cell, seed, sub, None)
+        if mode != "as_run":
+            log = module.log
+            module.log = lambda name, *a, **k: None if name in ("train/loss", "train/acc") else log(name, *a, **k)
+        if mode == "no_log_no_metric":
+            module.metrics["train_"] = type("NoMetric", (torch.nn.Module,), {"forward": lambda self, *a: None})()
+        curve = EpochTestCurve(dm.loader("test"))
+        trainer(n, [curve]).fit(module, datamodule=dm)
+        return 1000 * curve.train_cpu_s / module.global_step, curve.rows[-1]["test_acc"]
+
+    one("as_run", 0)  # warm-up
+    modes = ("as_run", "no_step_log", "no_log_no_metric")
+    res = {m: [] for m in modes}
+    for rep in range(reps):
+        for m in modes:
+            res[m].append(one(m, rep))
+    ms = {m: [v[0] for v in res[m]] for m in modes}
+    return {"cell": ":".join(map(str, cell)), "epochs": epochs, "reps": reps,
+            "cpu_ms_per_step": {m: [round(x, 3) for x in v] for m, v in ms.items()},
+            "share_of_step_saved_median": {
+                m: round(1 - float(np.median([a / b for a, b in zip(ms[m], ms["as_run"])])), 3) for m in modes[1:]},
+            "same_final_test_acc": len({tuple(v[1] for v in res[m]) for m in modes}) == 1,
+            "loadavg_1min": os.getloadavg()[0]}
+
+
 def _cpu_il_with_data(runs: list[dict], rs: list[dict], baseline: str) -> list[float]:
     """Per seed that reached the baseline's best test accuracy: baseline CPU seconds / (method CPU seconds + IL CPU
     seconds + the IL's data building)."""
@@ -212,7 +247,7 @@ def main():
     ap.add_argument("--il-epochs", type=int, default=40)
     ap.add_argument("--il-batch", type=int, default=64)
     ap.add_argument("--il-lr", type=float, default=1e-3)
-    ap.add_argument("--small-il-epochs", type=int, default=30, help="most IL epochs of the reducible_loss_small_il variant")
+    ap.add_argument("--small-il-epochs", type=int, default=30, help="most IL epochs of reducible_loss_small_il")
     ap.add_argument("--small-il-batch", type=int, default=1024)
     ap.add_argument("--small-il-lr", type=float, default=5e-2)
     ap.add_argument("--small-il-patience", type=int, default=2, help="early stopping: epochs without a lower val loss")
@@ -220,9 +255,15 @@ def main():
     ap.add_argument("--out", default="benchmarks/results/rho_speedup.json")
     ap.add_argument("--budget-min", type=float, default=1e9, help="stop starting new cells after this many minutes")
     ap.add_argument("--table", default=None, help="print the README table of an existing results JSON and exit")
+    ap.add_argument("--step-logging", action="store_true",
+                    help="print the CPU share of Lightning's per-step train/loss + train/acc logging in a uniform step")
     args = ap.parse_args()
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())))
+        return
+    if args.step_logging:
+        torch.set_num_threads(1)
+        print(json.dumps(step_logging_cost(args), indent=1))
         return
     if args.merge:
         return merge(args.merge, Path(args.out), json.loads(Path(args.extra).read_text()) if args.extra else None)

@@ -97,7 +97,8 @@ def test_merge_replaces_a_rerun_and_adds_the_il_data_cost(tmp_path, monkeypatch)
     spec.loader.exec_module(rs)
 
     def run(method, rows, il=None, data=None, seed=0):
-        curve = [dict(epoch=e, step=10 * (e + 1), train_s=t, train_cpu_s=t, test_acc=a) for e, (t, a) in enumerate(rows)]
+        curve = [dict(epoch=e, step=10 * (e + 1), train_s=t, train_cpu_s=t, test_acc=a)
+                 for e, (t, a) in enumerate(rows)]
         return {"cell": "c", "method": method, "seed": seed, "curve": curve, "il_s": il, "il_cpu_s": il,
                 "il_data_cpu_s": data, "final_acc": rows[-1][1], "corrupted_frac": 0.1, "overhead": 0.3,
                 "train_s": rows[-1][0], "train_cpu_s": rows[-1][0]}
