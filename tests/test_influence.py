@@ -229,6 +229,13 @@ def test_trak_ensemble_float32_matches_float64():
         f32 = trak_ensemble([copy.deepcopy(m).float() for m in members], F.cross_entropy, X, y, Xt, yt,
                             projection=proj, **kw)
         assert f32.dtype == torch.float32 and _rel(f32.double(), S64) < 1e-5
+        for c, m in enumerate(members):  # TrakInfluence(dtype=...) is the same computation, one member
+            one = TrakInfluence(m, F.cross_entropy, projection_dim=12, regularization=0.01, seed=kw["seeds"][c],
+                                projection=proj, dtype="float32").fit([(X, y)])
+            assert next(m.parameters()).dtype == torch.float64  # the caller's model is not converted
+            got = one.influences(Xt, yt, X, y)
+            assert got.dtype == torch.float32 and _rel(got.double(), S64[c]) < 1e-5
+            assert _rel(got.double(), S32[c]) < 1e-5
     other = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, dtype=torch.float32,
                           **{**kw, "seeds": [5, 6, 7]})  # control: another projection fails the tolerance
     assert _rel(other, S64) > 0.05
@@ -249,6 +256,9 @@ def test_trak_float32_refuses_ill_conditioned_kernels():
     trak_ensemble([model], F.cross_entropy, X, y, X, y, projection_dim=8, regularization=1e-6)  # float64: computed
     with pytest.raises(UserError, match="too ill-conditioned for float32.*use dtype float64"):
         trak_ensemble([model], F.cross_entropy, X, y, X, y, projection_dim=8, regularization=1e-6, dtype="float32")
+    TrakInfluence(model, F.cross_entropy, projection_dim=8, regularization=1e-6).fit([(X, y)])
+    with pytest.raises(UserError, match="too ill-conditioned for float32"):
+        TrakInfluence(model, F.cross_entropy, projection_dim=8, regularization=1e-6, dtype="float32").fit([(X, y)])
     trak_ensemble([model], F.cross_entropy, X, y, X, y, projection_dim=8, regularization=1e-3, dtype="float32")
 
     Q, _ = torch.linalg.qr(torch.randn(20, 20, generator=g, dtype=torch.float64))
