@@ -271,3 +271,25 @@ def test_one_subset_per_call_equals_one_batch_with_failures_and_nans(grouped):
     with pytest.raises(UserError, match=f"returned NaN for a subset of {len(bad)} points"):
         strict.evaluate(np.isin(train.group_of_row, train.group_of_row[bad])[None] if not grouped else
                         np.isin(np.arange(len(train)), np.unique(train.group_of_row[bad]))[None])
+
+
+def test_a_subclass_overriding_compute_sees_single_subsets_too():
+    class Logged(ModelUtility):
+        def _compute(self, masks):
+            self.seen = getattr(self, "seen", 0) + len(masks)
+            return super()._compute(masks)
+
+    train, test = problem()
+    u = Logged(Majority(), SupervisedScorer("accuracy", test)).with_dataset(train)
+    with u.session():
+        u.evaluate(np.eye(12, dtype=bool)[:1])
+    assert u.seen == 1 and ModelUtility._inline_one and not Logged._inline_one
+
+
+def test_a_truncation_policy_with_the_old_array_check_is_refused():
+    from datamatters.valuation.samplers import TruncationPolicy
+
+    with pytest.raises(UserError, match="implement fires"):
+        class Old(TruncationPolicy):
+            def check(self, count, u, n, total):
+                return np.zeros(len(u), bool)

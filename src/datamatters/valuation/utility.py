@@ -472,10 +472,17 @@ class ModelUtility(Utility):
 
         return clone(self.model).set_params(warm_start=True)
 
+    _inline_one = True  # whether one subset may skip _compute_many/_compute (not when a subclass overrides them)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls._inline_one = cls._compute is ModelUtility._compute and cls._compute_many is Utility._compute_many
+
     def _evaluate(self, masks, distinct=False):
         """One subset in this process (a TMC step, a user's ``u(S)``) is fitted and scored inline, without the
         batch's arrays and checks: their fixed cost is several times the fit of a trivial model."""
-        if (len(masks) != 1 or not self._env_held or self.cache is not None or self._executor is not None
+        if (len(masks) != 1 or not self._inline_one or not self._env_held or self.cache is not None
+                or self._executor is not None
                 or getattr(self.scorer, "n_outputs", None) is not None or not (distinct or np.count_nonzero(masks))):
             return super()._evaluate(masks, distinct)
         r = masks[0] if self.data.group_labels is None else masks[0][self.data.group_of_row]

@@ -27,6 +27,12 @@ from datamatters.valuation.samplers.base import PermutationBatch, Sampler
 class TruncationPolicy:
     needs_total = False
 
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if "check" in vars(cls) and cls.fires is TruncationPolicy.fires:  # the array API this replaced
+            raise UserError(f"{cls.__name__} defines check(count, u, n, total) on arrays; a truncation policy now "
+                            "answers for one prefix: implement fires(count, u, n, total) -> bool")
+
     def first_possible(self, n: int) -> int:
         """Smallest prefix length at which the policy may fire (n + 1: never)."""
         return n + 1
