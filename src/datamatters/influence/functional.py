@@ -253,6 +253,7 @@ class ModelFunction:
 
         second = vmap(jacrev(grad(phi), argnums=(0, 1)), in_dims=(0, None, 0))  # d reverse passes per example
         p_r = int(s.rest_idx.shape[0])
+        rows = max(1, min(rows, (1 << 24) // (d * (d + p_r))))  # per-example A_i, B_i: at most 2^24 numbers
         # A_i and u_i u_i^T are symmetric: only pairs j <= j' and k <= k' are multiplied (a quarter of the work)
         pd, pk = torch.triu_indices(d, d, device=self.device), torch.triu_indices(K, K, device=self.device)
         kron = torch.zeros(pd.shape[1], pk.shape[1], device=self.device, dtype=self.dtype)
