@@ -115,22 +115,27 @@ def pearson(a, b) -> float:
     return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
 
 
-def timed(fn):
-    t = time.perf_counter()
+def timed(fn, cpu: list | None = None):
+    """(result, wall seconds); the process's CPU seconds appended to ``cpu`` (less sensitive to other load)."""
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
+    if cpu is not None:
+        cpu.append(round(time.process_time() - c, 3))
     return out, time.perf_counter() - t
 
 
-def alternate(ours, ref, reps: int):
-    """(ours result, ref result, ours seconds per rep, ref seconds per rep), order alternating per repetition."""
+def alternate(ours, ref, reps: int, cpu: dict | None = None):
+    """(ours result, ref result, ours seconds per rep, ref seconds per rep), order alternating per repetition;
+    CPU seconds in ``cpu["ours"]`` / ``cpu["ref"]`` when given."""
     so, sr, ro, rr = [], [], None, None
+    cpu = {"ours": [], "ref": []} if cpu is None else cpu
     for i in range(reps):
         for side in (("o", "r") if i % 2 == 0 else ("r", "o")):
             if side == "o":
-                ro, t = timed(ours)
+                ro, t = timed(ours, cpu.setdefault("ours", []))
                 so.append(round(t, 3))
             else:
-                rr, t = timed(ref)
+                rr, t = timed(ref, cpu.setdefault("ref", []))
                 sr.append(round(t, 3))
     return ro, rr, so, sr
 
@@ -190,8 +195,9 @@ def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outpu
         if factor is None:  # the job's own rule
             factor = float(s.damping_factor if s.trak.get("damping_factor") is None else s.trak.damping_factor)
         lam = factor * g2 / k
+        cpu = {}
         mo, mr, so, sr = alternate(lambda: ours_trak(p, members, k, lam, output, dtype),
-                                   lambda: traker_trak(p, members, k, counts), reps)
+                                   lambda: traker_trak(p, members, k, counts), reps, cpu)
         tag = "trak" if output == "loss" else f"trak-{output}"
         prec = f", {dtype}" if dtype else ""  # as the job labels it (default: the problem's float64)
         for cnt in counts:
@@ -203,8 +209,10 @@ def trak_side_by_side(p, s, reps: int, counts: list[int], dims: list[int], outpu
                          "lds_gap": round(o["lds"] - r["lds"], 4),
                          "goal_not_below_traker_by_0.02": o["lds"] >= r["lds"] - 0.02,
                          "pearson_ours_vs_traker": round(pearson(mo[cnt - 1], mr[cnt]), 4)})
-        per = {"members": C, "ours_s": so, "traker_s": sr, "speedup_min": round(min(sr) / min(so), 2),
-               "goal_2x": min(sr) / min(so) >= 2.0,
+        wall, cpu_ratio = min(sr) / min(so), min(cpu["ref"]) / min(cpu["ours"])
+        per = {"members": C, "ours_s": so, "traker_s": sr, "speedup_min": round(wall, 2),
+               "ours_cpu_s": cpu["ours"], "traker_cpu_s": cpu["ref"], "speedup_cpu_min": round(cpu_ratio, 2),
+               "goal_2x": min(wall, cpu_ratio) >= 2.0,  # both clocks: wall time under load flatters either side
                "note": f"seconds for all {C} members (features, kernel, scores of every count); trainings shared"}
         rows.append({"method": f"{tag} timing (k={k}{prec})", **per})
     return rows
@@ -311,10 +319,13 @@ def ekfac_side_by_side(p, s, spectrum, reps: int, seeds: int = 5) -> list[dict]:
 
 
 # ---- the README table -----------------------------------------------------------------------------------------------
-def markdown(res: dict) -> str:
+def markdown(res: dict, source: str = "attribution_refs.json") -> str:
     """One table per results file: per model, TRAK and EK-FAC rows with LDS and seconds on both sides and the goals."""
     def yn(ok) -> str:
         return "met" if ok else "**missed**"
+
+    def cpu_text(t) -> str:
+        return f" (CPU time {t['speedup_cpu_min']}x)" if "speedup_cpu_min" in t else ""
 
     lines = ["| model | method | ours: LDS | reference: LDS | ours s | reference s | goal |", "|---" * 7 + "|"]
     for label, rec in res["models"].items():
@@ -327,7 +338,7 @@ def markdown(res: dict) -> str:
                 lines.append(f"| {name} | {m} vs traker | {r['ours']['lds']:.3f} | {r['traker']['lds']:.3f} | "
                              f"{min(t['ours_s']):.3g} (all {t['members']} members) | {min(t['traker_s']):.3g} | "
                              f"LDS not below traker - 0.02: {yn(r['goal_not_below_traker_by_0.02'])}; "
-                             f"2x faster: {t['speedup_min']}x, {yn(t['goal_2x'])} |")
+                             f"2x faster: {t['speedup_min']}x{cpu_text(t)}, {yn(t['goal_2x'])} |")
             elif m.startswith("ekfac (") and "ours" in r:
                 lines.append(f"| {name} | {m} vs kronfluence, damping {r['damping']:.3g} | "
                              f"{r['ours']['lds']:.3f} | {r['kronfluence']['lds']:.3f} | {min(r['ours']['s']):.3g} | "
@@ -361,13 +372,40 @@ def markdown(res: dict) -> str:
                 f"{load(r)}")
 
     per = "; ".join(what(r) for r in runs)
-    return "\n".join(lines) + (f"\n\n_From `benchmarks/results/attribution_refs.json` (traker "
+    cpu = any("speedup_cpu_min" in r for rec in res["models"].values() for r in rec["rows"])
+    return "\n".join(lines) + (f"\n\n_From `benchmarks/results/{source}` (traker "
                                f"{res['versions']['traker']}, kronfluence {res['versions']['kronfluence']}, torch "
                                f"{res['versions']['torch']}; 1 thread on a {res['machine']['cpus']}-core machine "
                                f"shared with other sessions; seconds: min over TRAK+EK-FAC repetitions, "
                                f"ours/reference alternating, "
-                               f"attribution work only; runs in order, a later run's rows replace the rows it "
-                               f"repeats: {per})._")
+                               f"attribution work only"
+                               + ("; TRAK speed-ups on both clocks, min wall and min process CPU time, the 2x goal "
+                                  "on the lower" if cpu else "")
+                               + f"; runs in order, a later run's rows replace the rows it repeats: {per})._")
+
+
+def prune_runs(runs: list[dict]) -> list[dict]:
+    """The runs whose rows are still in the file: a run goes when later runs repeat each of its parts (same models;
+    TRAK: same precision and damping, its outputs, sizes and counts among theirs; EK-FAC: all its rows)."""
+    def parts(r) -> list[str]:
+        return r["protocol"].get("parts", ["trak", "ekfac"])
+
+    def repeats(new, old, part) -> bool:
+        pn, po = new["protocol"], old["protocol"]
+        if part not in parts(new) or not set(old.get("models", [])) <= set(new.get("models", [])):
+            return False
+        return part == "ekfac" or (
+            pn.get("trak_dtype") == po.get("trak_dtype") and pn.get("trak_damping_factor") == po.get("trak_damping_factor")
+            and set(po.get("trak_outputs", ["loss", "margin"])) <= set(pn.get("trak_outputs", ["loss", "margin"]))
+            and set(po["trak_dims"]) <= set(pn["trak_dims"]) and set(po["trak_counts"]) <= set(pn["trak_counts"]))
+
+    return [r for i, r in enumerate(runs)
+            if not all(any(repeats(n, r, part) for n in runs[i + 1:]) for part in parts(r))]
+
+
+def part_order(rows: list[dict]) -> list[dict]:
+    """TRAK rows first (float64 before float32, as run), then EK-FAC."""
+    return sorted(rows, key=lambda r: (not r["method"].startswith("trak"), "float32" in r["method"]))
 
 
 # ---- main ---------------------------------------------------------------------------------------------------------
@@ -395,7 +433,7 @@ def main() -> None:
     ap.add_argument("--markdown", action="store_true", help="print the README table of --out and exit")
     a = ap.parse_args()
     if a.markdown:
-        print(markdown(json.loads(a.out.read_text())))
+        print(markdown(json.loads(a.out.read_text()), a.out.name))
         return
     torch.set_num_threads(1)
     from importlib.metadata import version
@@ -421,7 +459,7 @@ def main() -> None:
     run_rec = {"source": res["command"], "models": [], "protocol": res["protocol"], "machine": dict(res["machine"])}
     if not a.merge:  # this run replaces its models' entries: runs that only covered them go
         res["runs"] = [r for r in res["runs"] if set(r.get("models", [])) - set(labels)]
-    res["runs"].append(run_rec)
+    res["runs"] = prune_runs(res["runs"] + [run_rec])
     for label in labels:
         p, s, spectrum, job_rows, info = load_problem(a.run, label)
         rec = {"run": str(a.run), "tag": a.tag, "problem": info, "spectrum": spectrum, "rows": []}
@@ -448,7 +486,7 @@ def main() -> None:
         if a.merge and old is not None:  # keep the earlier rows of other methods (EK-FAC: all replaced), then these
             new = {r["method"] for r in rec["rows"]}
             gone = lambda m: m in new or ("ekfac" in a.parts and m.startswith("ekfac ("))  # noqa: E731
-            rec = {**old, "rows": [r for r in old["rows"] if not gone(r["method"])] + rec["rows"],
+            rec = {**old, "rows": part_order([r for r in old["rows"] if not gone(r["method"])] + rec["rows"]),
                    "machine_loadavg_1min_end": rec["machine_loadavg_1min_end"]}
         res["models"][label] = rec
         a.out.parent.mkdir(parents=True, exist_ok=True)
