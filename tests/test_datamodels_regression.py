@@ -250,3 +250,48 @@ def test_path_coefficients_equal_sklearn_lasso_path():
         yc = Y[:, t].astype(float) - Y[:, t].astype(float).mean()
         _, sk, _ = lasso_path(Xs, yc, alphas=lambdas[:, t].numpy(), tol=1e-13, max_iter=200000)
         np.testing.assert_allclose(coefs[:, :, t], sk.T, atol=1e-7)
+
+
+def test_float32_cross_moments_are_centred_on_a_shift():
+    """float32 X^T y (the float32 solver's moments) on y far from 0: within 1e-6 of float64 after centring; the
+    naive float32 product (no shift) is not (control: its cancellation error is >100x larger)."""
+    X, Y, _ = _problem(N=3000, p=60, T=3, seed=2)
+    Y = Y + 1000.0
+    rows = np.arange(len(X))
+
+    def centred(m):
+        return m.sxy / m.n - (m.sx / m.n)[:, None] * (m.sy / m.n)[None, :]
+
+    exact = centred(moments(X, Y, rows, slice(0, 3)))
+    fast = centred(moments(X, Y, rows, slice(0, 3), xy_dtype=torch.float32, chunk=1000))
+    scale = exact.abs().max()
+    err = float((fast - exact).abs().max() / scale)
+    assert err < 1e-6
+    X32, Y32 = torch.from_numpy(X.astype(np.float32)), torch.from_numpy(Y)
+    naive = (X32.T @ Y32).double() / len(X) - (X32.double().mean(0))[:, None] * Y32.double().mean(0)[None, :]
+    assert float((naive - exact).abs().max() / scale) > 100 * err
+
+
+def test_duality_gap_equals_the_explicit_primal_dual_gap():
+    """The Gram-form gap (cached lambda-free parts, finished at any lambda) equals sklearn's gap computed from the
+    residual y - Xw on the standardised rows, at two lambdas and for a non-optimal w."""
+    from datamatters.datamodels.regression import duality_gap, gap_from, gap_parts
+
+    X, Y, _ = _problem(N=200, p=12, T=3, seed=6)
+    S = _standardised(X, Y)
+    Xs = StandardScaler().fit_transform(X.astype(float))
+    W = torch.randn(3, 12, dtype=F64) * 0.3
+    parts = gap_parts(S.q.T, W, W @ S.Q)
+    for lam in (0.01, 0.2):
+        lam_t = torch.full((3,), lam, dtype=F64)
+        got = gap_from(parts, S.yy, lam_t)
+        torch.testing.assert_close(got, duality_gap(S.q.T, S.yy, lam_t, W, W @ S.Q))
+        for t in range(3):
+            y = Y[:, t].astype(float) - Y[:, t].astype(float).mean()
+            w = W[t].numpy()
+            n = len(y)
+            r = y - Xs @ w
+            dual_norm = np.abs(Xs.T @ r).max() / n
+            c = lam / dual_norm if dual_norm > lam else 1.0
+            gap = 0.5 * (r @ r / n) * (1 + c * c) + lam * np.abs(w).sum() - c * (r @ y) / n
+            assert float(got[t]) == pytest.approx(gap, rel=1e-9)
