@@ -272,3 +272,45 @@ def test_trak_float32_rows_in_the_job(tmp_path):
     assert rule[0]["method"] == "trak-1 (k=16)" and len(rule) == 2  # loss and margin outputs
     for a, b in zip(f32, rule):
         assert a["lds"] == pytest.approx(b["lds"], abs=1e-3) and a["damping"] == b["damping"]
+
+
+def _refs_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "attribution_refs.py"
+    spec = importlib.util.spec_from_file_location("attribution_refs_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_refs_seed_noise_prediction_and_run_pruning(monkeypatch):
+    """benchmarks/attribution_refs.py: with kronfluence's runs = ours + independent noise, ours vs the mean of m runs
+    follows sqrt(m r / (1 + (m - 1) r)); a systematic difference (the control) falls clearly below it. A run goes from
+    the runs list only when later runs repeat each of its parts (a float32 TRAK run does not repeat a float64 one)."""
+    R = _refs_module()
+    truth = np.random.default_rng(0).normal(size=(40, 300))
+    bias = np.random.default_rng(99).normal(size=truth.shape)
+    for shift, agrees in ((0.0, True), (0.6, False)):
+        def run(p, lam, empirical, seed=0):
+            return truth + shift * bias + 0.6 * np.random.default_rng(seed + 1).normal(size=truth.shape)
+
+        monkeypatch.setattr(R, "kronfluence_ekfac", run)
+        monkeypatch.setattr(R, "lds", lambda p, s: {"lds": 0.0})
+        row = R.kronfluence_seeds(None, 1e-3, truth, run(None, 0, False, 0), 5)
+        gap = np.abs(np.subtract(row["pearson_ours_vs_mean_of_m_seeds"], row["expected_if_noise"]))
+        assert (gap.max() < 0.01) == agrees, (shift, row)
+        assert row["pearson_ours_vs_mean_of_m_seeds"][-1] > row["pearson_ours_vs_mean_of_m_seeds"][0]
+
+    def rec(models, parts, dtype=None, dims=(64, 512)):
+        return {"models": models, "protocol": {"parts": parts, "trak_dtype": dtype, "trak_damping_factor": None,
+                                               "trak_outputs": ["loss", "margin"], "trak_dims": list(dims),
+                                               "trak_counts": [1, 10, 50]}}
+
+    both, f32, ek, f64 = (rec(["mlp"], ["trak", "ekfac"]), rec(["mlp"], ["trak"], "float32"), rec(["mlp"], ["ekfac"]),
+                          rec(["mlp"], ["trak"]))
+    assert R.prune_runs([both, f32, ek]) == [both, f32, ek]  # its TRAK rows are not repeated in float32
+    assert R.prune_runs([both, f32, ek, f64]) == [f32, ek, f64]
+    assert R.prune_runs([both, rec(["mlp"], ["trak"], dims=(64,)), ek]) == [both, rec(["mlp"], ["trak"], dims=(64,)),
+                                                                            ek]  # k = 512 rows not repeated
