@@ -133,3 +133,101 @@ def test_il_key_is_unchanged_without_patience_and_changes_with_it():
     base = il_config_key(compose_cfg(["data=digits"], "irreducible"))
     assert il_config_key(compose_cfg(["data=digits", "irreducible.log_every_step=false"], "irreducible")) == base
     assert il_config_key(compose_cfg(["data=digits", "irreducible.early_stopping_patience=3"], "irreducible")) != base
+
+
+def _il_job_fit(tmp_path, fit, snapshots=None, extra=()):
+    """The IL job on digits (lr 0.02, patience 2: stops after epoch 7, best epoch 5) with irreducible.fit=``fit``;
+    ``snapshots``: a dict filled with the lean fit's weights after each epoch."""
+    from datamatters.selection import il_fit
+    from datamatters.selection.il_store import load_irreducible_losses
+    from datamatters.tasks import irreducible
+    from datamatters.tasks.common import RunContext
+
+    d = tmp_path / fit
+    cfg = compose_cfg([f"paths.log_dir={d}", f"paths.output_dir={d}/run", "data=digits", "irreducible.max_epochs=15",
+                       "irreducible.batch_size=256", "irreducible.early_stopping_patience=2", "optimizer.lr=0.02",
+                       f"irreducible.fit={fit}", "irreducible.log_every_step=false", "trainer.enable_progress_bar=false",
+                       "logger.wandb.enabled=false", *extra], "irreducible")
+    ctx = RunContext(cfg, d, "h", "irreducible")
+    if snapshots is not None:
+        from datamatters.tasks.common import make_loggers
+
+        make_loggers(ctx)  # the lean fit logs each epoch's metrics to the job's loggers
+
+        def lean(*a, on_epoch=None, **k):
+            def snap(epoch, metrics, model):
+                snapshots[epoch] = copy.deepcopy(model.state_dict())
+                on_epoch(epoch, metrics, model)
+            return il_fit.lean_fit(*a, on_epoch=snap, **k)
+
+        irreducible_lean, irreducible.lean_fit = irreducible.lean_fit, lean
+    try:
+        L.seed_everything(0, verbose=False)
+        meta = irreducible.train_irreducible(cfg, ctx, d / "il.npz")
+    finally:
+        if snapshots is not None:
+            irreducible.lean_fit = irreducible_lean
+    dm = irreducible.build_datamodule(cfg)
+    return meta, load_irreducible_losses(d / "il.npz", dm.metadata("train"), dm.split_indices("train"))[0], dm, ctx
+
+
+def test_lean_il_fit_writes_the_lightning_fits_il_values(tmp_path):
+    """Same seed, same loaders: the plain torch loop gives the Lightning fit's best epoch, stop and IL values (bitwise
+    on CPU). Control: the lean fit's last-epoch weights give IL values far from them, so the epoch choice is pinned."""
+    from datamatters.tasks.building import build_network
+
+    meta_l, il_l, _, _ = _il_job_fit(tmp_path, "lightning")
+    snaps = {}
+    meta, il, dm, ctx = _il_job_fit(tmp_path, "lean", snaps)
+    assert (meta["il_best_epoch"], meta["il_epochs_trained"]) == (meta_l["il_best_epoch"], meta_l["il_epochs_trained"])
+    assert meta["il_epochs_trained"] < 15 and meta["il_best_epoch"] == meta["il_epochs_trained"] - 3  # stopped early
+    assert meta["holdout_val_loss"] == pytest.approx(meta_l["holdout_val_loss"], rel=1e-6)
+    assert meta["holdout_val_acc"] == pytest.approx(meta_l["holdout_val_acc"], rel=1e-6)
+    np.testing.assert_allclose(il, il_l, rtol=1e-6, atol=1e-7)
+    assert meta["config_hash"] == meta_l["config_hash"]  # the same IL values: the fit option is not part of the key
+    assert sorted(snaps) == list(range(meta["il_epochs_trained"]))
+    model = build_network(compose_cfg(["data=digits"], "irreducible").irreducible.model, dm)
+    for epoch, close in ((meta["il_best_epoch"], True), (meta["il_epochs_trained"] - 1, False)):
+        model.load_state_dict(snaps[epoch])
+        assert np.allclose(evaluate_losses(model, dm.loader("train"))[1], il_l, rtol=1e-3) is close
+    csv = (ctx.run_dir / "csv").glob("**/metrics.csv")
+    assert "val/loss" in next(csv).read_text().splitlines()[0]
+
+
+@pytest.mark.parametrize("patience, trained, best", [(None, 12, 11), (2, 5, 2), (4, 11, 6)])
+def test_lean_fit_stops_and_chooses_as_early_stopping_and_the_checkpoint(monkeypatch, patience, trained, best):
+    """The hand-made val-loss curve the Lightning job is tested on: the same stop and best epoch."""
+    from datamatters.selection import il_fit
+
+    seen = []
+    monkeypatch.setattr(il_fit, "_validate", lambda model, *a: {"val/loss": CURVE[len(seen)], "val/acc": 0.5})
+    g = torch.Generator().manual_seed(1)
+    data = DataLoader(TensorDataset(torch.arange(40), torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,))),
+                      batch_size=16)
+    fit = il_fit.lean_fit(torch.nn.Linear(5, 3), lambda p: torch.optim.SGD(p, lr=0.1), data, data, len(CURVE),
+                          patience=patience, on_epoch=lambda e, m, model: seen.append(copy.deepcopy(model.state_dict())))
+    assert (fit.epochs_trained, fit.best_epoch, len(seen)) == (trained, best, trained)
+    assert fit.metrics["val/loss"] == CURVE[best]
+    assert all(torch.equal(fit.state[k], seen[best][k]) for k in fit.state)
+    assert not torch.equal(fit.state["weight"], seen[-1]["weight"]) or best == trained - 1
+
+
+def test_lean_fit_errors_are_one_clear_message(tmp_path):
+    from datamatters.selection.il_fit import lean_fit
+
+    x, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    data = DataLoader(TensorDataset(torch.arange(20), x, y), batch_size=8)
+    empty = DataLoader(TensorDataset(torch.arange(0), x[:0], y[:0]), batch_size=8)
+    with pytest.raises(UserError, match="the IL model's training split is empty"):
+        lean_fit(torch.nn.Linear(5, 3), lambda p: torch.optim.SGD(p, lr=0.1), empty, data, 3)
+    with pytest.raises(UserError, match="the IL model diverged: train/loss is (nan|inf) at epoch 0; lower"):
+        lean_fit(torch.nn.Linear(5, 3), lambda p: torch.optim.SGD(p, lr=float("inf")), data, data, 3)
+    with pytest.raises(UserError, match="chooses its epoch on val/loss or val/acc"):
+        lean_fit(torch.nn.Linear(5, 3), lambda p: torch.optim.SGD(p, lr=0.1), data, data, 3, monitor="train/loss")
+    from datamatters.tasks.irreducible import check_il_plan
+
+    with pytest.raises(UserError, match="irreducible.fit must be 'lightning' .* or 'lean'"):
+        check_il_plan(compose_cfg(["data=digits", "irreducible.fit=fast"], "irreducible"))
+    with pytest.raises(UserError, match="cannot honour trainer.precision='bf16-mixed'.*use irreducible.fit=lightning"):
+        check_il_plan(compose_cfg(["data=digits", "irreducible.fit=lean", "trainer.precision=bf16-mixed"],
+                                  "irreducible"))

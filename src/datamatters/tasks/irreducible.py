@@ -2,7 +2,9 @@
 test: the reference leaks here), then save eval-mode, un-augmented per-example losses over the target-train split.
 ``irreducible.early_stopping_patience`` (default null: all epochs, as the reference) stops the fit after that many
 validation checks without a lower val loss; ``irreducible.log_every_step=false`` logs the IL fit's metrics once per
-epoch (a small IL model's fit costs about half as much CPU time)."""
+epoch (a small IL model's fit costs about half as much CPU time); ``irreducible.fit=lean`` trains it in a plain torch
+loop with the same batches, optimiser steps and epoch choice (for small in-memory IL models: no trainer overhead, no
+resumable checkpoints, one device)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamatters.artifacts import config_hash
 from datamatters.errors import UserError
-from datamatters.selection.il_fit import EpochLoggedClassifier, check_patience, early_stopping
+from datamatters.selection.il_fit import EpochLoggedClassifier, check_patience, early_stopping, lean_fit
 from datamatters.selection.il_store import save_irreducible_losses
 from datamatters.tasks.building import build_datamodule, build_network, build_optimizer, build_trainer, last_checkpoint
 from datamatters.tasks.common import RunContext, job, make_loggers, print_summary, write_summary
@@ -28,7 +30,7 @@ def il_config_key(cfg: DictConfig) -> str:
     for k in IL_DATA_KEYS_IGNORED:
         data.pop(k, None)
     il = OmegaConf.to_container(cfg.irreducible, resolve=True)
-    for k in ("path", "output", "checkpoint", "log_every_step"):  # where the values go, or how the fit is logged
+    for k in ("path", "output", "checkpoint", "log_every_step", "fit"):  # where the values go, how the fit runs
         il.pop(k, None)
     if il.get("early_stopping_patience") is None:  # all epochs: the key of a file made before the option existed
         il.pop("early_stopping_patience", None)
@@ -44,6 +46,32 @@ def check_il_plan(cfg: DictConfig) -> None:
     if int(cfg.irreducible.max_epochs) < 1:
         raise UserError(f"irreducible.max_epochs must be >= 1, got {cfg.irreducible.max_epochs}")
     check_patience(cfg.irreducible.get("early_stopping_patience"))
+    if cfg.irreducible.get("fit", "lightning") not in ("lightning", "lean"):
+        raise UserError(f"irreducible.fit must be 'lightning' (the default) or 'lean' (a plain torch loop for small "
+                        f"in-memory IL models), got {cfg.irreducible.fit!r}")
+    if cfg.irreducible.get("fit", "lightning") == "lean":
+        lean_device(cfg)
+
+
+# trainer settings the lean fit reproduces (anything else changes the optimisation or the validation schedule)
+LEAN_TRAINER = {"precision": ("32-true", "32", 32, None), "devices": (1, "1", None), "strategy": ("auto", None),
+                "max_steps": (-1, None), "check_val_every_n_epoch": (1, None), "val_check_interval": (1.0, None),
+                "gradient_clip_val": (None, 0, 0.0), "accumulate_grad_batches": (1, None),
+                "limit_train_batches": (1.0, None), "limit_val_batches": (1.0, None), "fast_dev_run": (False, None, 0)}
+
+
+def lean_device(cfg: DictConfig) -> torch.device:
+    """The one device of a lean IL fit, after refusing trainer settings it does not reproduce."""
+    tr = cfg.trainer
+    bad = [f"trainer.{k}={tr.get(k)!r}" for k, ok in LEAN_TRAINER.items() if tr.get(k) not in ok]
+    acc = str(tr.get("accelerator", "auto"))
+    if acc not in ("cpu", "gpu", "cuda", "auto"):
+        bad.append(f"trainer.accelerator={acc!r}")
+    if bad:
+        raise UserError(f"irreducible.fit=lean trains on one device in 32-bit with every batch and a validation per "
+                        f"epoch; it cannot honour {', '.join(bad)}: use irreducible.fit=lightning")
+    cuda = acc in ("gpu", "cuda") or (acc == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if cuda else "cpu")
 
 
 def pass_device(trainer) -> torch.device:
@@ -53,7 +81,8 @@ def pass_device(trainer) -> torch.device:
 
 
 def losses_on_accelerator(model: torch.nn.Module, loader, trainer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    model.to(pass_device(trainer))
+    """``trainer``: a Lightning trainer, or the device of a lean fit."""
+    model.to(trainer if isinstance(trainer, torch.device) else pass_device(trainer))
     return evaluate_losses(model, loader)
 
 
@@ -77,6 +106,8 @@ def _fit_one(cfg: DictConfig, ctx: RunContext, dm, fit_split: str, tag: str):
     dm.batch_size = int(il.get("batch_size") or dm.batch_size)
     dm.augment = bool(il.get("augment", dm.augment))
     model = build_network(il.model, dm)
+    if il.get("fit", "lightning") == "lean":
+        return _fit_lean(cfg, ctx, dm, model)
     module_cls = ClassifierModule if il.get("log_every_step", True) else EpochLoggedClassifier
     module = module_cls(model, build_optimizer(il.optimizer), num_classes=dm.num_classes)
     ckpt_dir = ctx.run_dir / f"checkpoints_{tag}"
@@ -98,6 +129,23 @@ def _fit_one(cfg: DictConfig, ctx: RunContext, dm, fit_split: str, tag: str):
     epochs_trained = int(trainer.current_epoch)
     val = trainer.validate(module, datamodule=dm, verbose=False)[0]
     return module.model, {**val, "best_epoch": int(ckpt["epoch"]), "epochs_trained": epochs_trained}, trainer
+
+
+def _fit_lean(cfg: DictConfig, ctx: RunContext, dm, model):
+    """``_fit_one`` in a plain torch loop: the same loaders, optimiser and epoch choice; metrics logged per epoch."""
+    il, device = cfg.irreducible, lean_device(cfg)
+
+    def log(epoch, metrics, _):
+        for lg in ctx.loggers:
+            lg.log_metrics({**metrics, "epoch": epoch}, step=epoch)
+
+    fit = lean_fit(model, build_optimizer(il.optimizer), dm.train_dataloader(), dm.val_dataloader(),
+                   int(il.max_epochs), patience=il.get("early_stopping_patience"),
+                   monitor=OmegaConf.select(cfg, "callbacks.checkpoint.monitor", default="val/loss"),
+                   mode=OmegaConf.select(cfg, "callbacks.checkpoint.mode", default="min"), device=device, on_epoch=log)
+    for lg in ctx.loggers:
+        lg.save()  # Lightning's fit writes buffered metrics (the CSV) at its end
+    return model, {**fit.metrics, "best_epoch": fit.best_epoch, "epochs_trained": fit.epochs_trained}, device
 
 
 def train_irreducible(cfg: DictConfig, ctx: RunContext, out_path: Path) -> dict:

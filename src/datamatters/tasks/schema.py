@@ -58,6 +58,7 @@ class IrreducibleSchema:
     augment: bool = False
     early_stopping_patience: Optional[int] = None
     log_every_step: bool = True
+    fit: str = "lightning"
 
 
 def register() -> None:
