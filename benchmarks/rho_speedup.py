@@ -8,8 +8,10 @@ framework's own modules and the same Lightning loop, 32 points per gradient step
                      timed)
   reducible_loss_small_il   variant (--methods, not run by default): RHO-LOSS with a cheap IL model, a one-hidden-
                      layer MLP (64 units) trained briefly at a large batch (--small-il-epochs, --small-il-batch,
-                     --small-il-lr) with early stopping on its val loss (--small-il-patience), best val-loss epoch; its
-                     cost timed exactly as the full IL model's (the paper's section on small, briefly trained IL models)
+                     --small-il-lr) with early stopping on its val loss (--small-il-patience), best val-loss epoch,
+                     trained by the engine's lean fit (--small-il-fit lean: a plain torch loop, the Lightning fit's
+                     batches, steps and epoch choice); its cost timed exactly as the full IL model's (the paper's
+                     section on small, briefly trained IL models)
   ce_loss, gradnorm_ub   top-32 of 320 by training loss / last-layer gradient-norm bound
   selective_backprop forward 128, keep with probability percentile^3 (about 32 kept), backprop those
   infobatch          plain minibatches of 32 with InfoBatch pruning, as many epochs as uniform's data passes
@@ -24,7 +26,9 @@ excluded); every cell starts with a warm-up fit that is not recorded; methods ar
 machine load drifts hit all of them; the seeds are the repeats. IL cost: model build, Trainer start-up, the IL fit
 (its validation included) and the IL pass over target-train; building the datamodule is timed apart
 (``il_data_cpu_s``), as no method's data building is in its training seconds (``sp_cpu_il_with_data`` adds it back).
-Both IL fits log their metrics once per epoch (``EpochLoggedClassifier``: the same weights as per-step logging).
+Both IL fits log their metrics once per epoch (``EpochLoggedClassifier``: the same weights as per-step logging);
+``--il-fit`` / ``--small-il-fit`` choose Lightning or the lean loop (same IL values; the lean one without the
+trainer's per-epoch bookkeeping).
 
     python benchmarks/rho_speedup.py --cells mnist1d:uniform:0.1 --seeds 5       # the most important cell
     python benchmarks/rho_speedup.py --cells all --seeds 5
@@ -47,7 +51,7 @@ from datamatters.data.digits import DigitsDataModule
 from datamatters.data.mnist1d import MNIST1DDataModule
 from datamatters.evaluation.speedup import EpochTestCurve, bootstrap_ci, first_reach, speedup_table
 from datamatters.models import build_model
-from datamatters.selection.il_fit import EpochLoggedClassifier, early_stopping
+from datamatters.selection.il_fit import EpochLoggedClassifier, early_stopping, lean_fit
 from datamatters.selection.il_store import ILTable
 from datamatters.selection.module import SelectiveModule
 from datamatters.selection.peers import build_peer
@@ -102,19 +106,25 @@ def irreducible_losses(cell, seed: int, args, small: bool = False) -> tuple[ILTa
     data_s, data_cpu = time.perf_counter() - t0, time.process_time() - c0
     t0, c0 = time.perf_counter(), time.process_time()
     model = build_model("mlp", dm.input_shape, dm.num_classes, hidden=[64] if small else [256, 256])
-    best = BestVal()
     lr = args.small_il_lr if small else args.il_lr
-    module = EpochLoggedClassifier(model, lambda p: torch.optim.AdamW(p, lr=lr), num_classes=dm.num_classes)
-    fit = trainer(args.small_il_epochs if small else args.il_epochs,
-                  [best, *early_stopping(args.small_il_patience if small else None)], val=True)
-    fit.fit(module, datamodule=dm)
-    model.load_state_dict(best.state)
+    opt = lambda p: torch.optim.AdamW(p, lr=lr)  # noqa: E731
+    epochs, patience = (args.small_il_epochs, args.small_il_patience) if small else (args.il_epochs, None)
+    how = args.small_il_fit if small else args.il_fit
+    if how == "lean":
+        f = lean_fit(model, opt, dm.train_dataloader(), dm.val_dataloader(), epochs, patience=patience)
+        info = {"il_val_acc": f.metrics["val/acc"], "il_val_loss": f.metrics["val/loss"], "il_best_epoch": f.best_epoch,
+                "il_epochs_trained": f.epochs_trained}
+    else:
+        best = BestVal()
+        fit = trainer(epochs, [best, *early_stopping(patience)], val=True)
+        fit.fit(EpochLoggedClassifier(model, opt, num_classes=dm.num_classes), datamodule=dm)
+        model.load_state_dict(best.state)
+        info = {"il_val_acc": best.acc, "il_val_loss": best.best, "il_best_epoch": best.epoch,
+                "il_epochs_trained": int(fit.current_epoch)}
     idx, loss, _ = evaluate_losses(model, dm.loader("train"))
     secs, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return ILTable(idx, loss), secs, {"il_val_acc": best.acc, "il_val_loss": best.best, "il_best_epoch": best.epoch,
-                                      "il_epochs_trained": int(fit.current_epoch), "il_s": secs, "il_cpu_s": cpu,
-                                      "il_data_s": data_s, "il_data_cpu_s": data_cpu,
-                                      "loadavg_1min": os.getloadavg()[0]}
+    return ILTable(idx, loss), secs, {**info, "il_fit": how, "il_s": secs, "il_cpu_s": cpu, "il_data_s": data_s,
+                                      "il_data_cpu_s": data_cpu, "loadavg_1min": os.getloadavg()[0]}
 
 
 def build(method: str, cell, seed: int, args, il: ILTable | None):
@@ -251,6 +261,9 @@ def main():
     ap.add_argument("--small-il-batch", type=int, default=1024)
     ap.add_argument("--small-il-lr", type=float, default=5e-2)
     ap.add_argument("--small-il-patience", type=int, default=2, help="early stopping: epochs without a lower val loss")
+    ap.add_argument("--il-fit", choices=["lightning", "lean"], default="lightning", help="how the full IL model trains")
+    ap.add_argument("--small-il-fit", choices=["lightning", "lean"], default="lean",
+                    help="how reducible_loss_small_il's IL model trains (lean: plain torch loop, same IL values)")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--out", default="benchmarks/results/rho_speedup.json")
     ap.add_argument("--budget-min", type=float, default=1e9, help="stop starting new cells after this many minutes")
@@ -283,12 +296,13 @@ def main():
                  "only"),
         "setup": {"model": "MLP in-256-256-10, AdamW", "lr": args.lr, "n_B": N_BIG, "n_b": N_SMALL,
                   "percent_train": args.percent_train, "epochs": args.epochs, "il": {"epochs": args.il_epochs,
-                  "batch": args.il_batch, "lr": args.il_lr, "model": "MLP in-256-256-10, best val-loss epoch"},
+                  "batch": args.il_batch, "lr": args.il_lr, "fit": args.il_fit, "model": "MLP in-256-256-10, best val-loss epoch"},
                   "il_small (reducible_loss_small_il)": {
                       "epochs": args.small_il_epochs, "batch": args.small_il_batch, "lr": args.small_il_lr,
-                      "patience": args.small_il_patience,
+                      "patience": args.small_il_patience, "fit": args.small_il_fit,
                       "model": "MLP in-64-10, early stopping on val loss (patience), best val-loss epoch"},
-                  "il_logging": "both IL fits log once per epoch (EpochLoggedClassifier; same weights as per step)",
+                  "il_logging": ("a Lightning IL fit logs once per epoch (EpochLoggedClassifier; same weights as per "
+                                 "step); the lean fit (plain torch loop) logs nothing"),
                   "selective_backprop": f"beta 3, forward batch {SB_FORWARD}, history 1024, 1 primed epoch",
                   "infobatch": f"prune_ratio 0.5, delta 0.875, batch {N_SMALL}, epochs = epochs * percent_train"},
         "cells_requested": cells, "methods": args.methods, "cells_run": [], "cells_not_run": [],

@@ -122,3 +122,28 @@ def test_merge_replaces_a_rerun_and_adds_the_il_data_cost(tmp_path, monkeypatch)
     assert row["il_data_cpu_s"] == pytest.approx(0.3)
     ce = next(r for r in out["summary"]["c"] if r["baseline"] == "uniform" and r["label"] == "ce_loss")
     assert ce["sp_cpu"] == pytest.approx(2.0 / 3.0) and "sp_cpu_il_with_data" not in ce
+
+
+def test_small_il_lean_fit_gives_the_lightning_fits_il_table(monkeypatch):
+    """The benchmark's small IL model trained by the lean loop and by Lightning (digits at 20% noise, seed 0): the same
+    best and last epoch and the same IL values (so the variant's runs differ only in the IL cost)."""
+    import argparse
+
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("rho_speedup", ROOT / "benchmarks" / "rho_speedup.py")
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    args = argparse.Namespace(data_dir="data", small_il_epochs=30, small_il_batch=1024, small_il_lr=5e-2,
+                              small_il_patience=2, il_fit="lightning")
+    got = {how: rs.irreducible_losses(("digits", "uniform", 0.2), 0, argparse.Namespace(**vars(args), small_il_fit=how),
+                                      small=True) for how in ("lightning", "lean")}
+    (tab_l, _, info_l), (tab, _, info) = got["lightning"], got["lean"]
+    assert (info["il_fit"], info_l["il_fit"]) == ("lean", "lightning")
+    assert (info["il_best_epoch"], info["il_epochs_trained"]) == (info_l["il_best_epoch"], info_l["il_epochs_trained"])
+    assert info["il_best_epoch"] < info["il_epochs_trained"] - 1 < 29  # early stopping ended both before epoch 30
+    assert info["il_val_loss"] == pytest.approx(info_l["il_val_loss"], rel=1e-6)
+    known = ~np.isnan(tab_l.table.numpy())
+    np.testing.assert_allclose(tab.table.numpy()[known], tab_l.table.numpy()[known], rtol=1e-6)
+    assert np.isnan(tab.table.numpy()[~known]).all()
