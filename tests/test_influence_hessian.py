@@ -151,3 +151,60 @@ def test_products_equal_the_autograd_hessian_times_vectors(name, structure):
         assert (op.matvec(V) - want).abs().max() < 1e-12 * want.abs().max(), b.name  # cached graphs reused
         one = op.batch_matvec(V, *data[1]) * 13 + op.batch_matvec(V, *data[0]) * 7 + op.batch_matvec(V, *data[2]) * 3
         assert (one / len(X) - want).abs().max() < 1e-12 * want.abs().max(), b.name
+
+
+class _SquaredLinear(nn.Linear):
+    """A Linear subclass with its own forward: not ``W u + b``, so the closed form must not assume it."""
+
+    def forward(self, x):
+        return super().forward(x) ** 2
+
+
+class _Residual(nn.Sequential):
+    """A Sequential subclass with its own forward: not the plain chain of its children."""
+
+    def forward(self, x):
+        return super().forward(x) + x[:, :3]
+
+
+def _tied():
+    model = _mlp(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[4].weight = model[2].weight
+    return model
+
+
+def _hooked():
+    model = _mlp(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    model[0].register_forward_hook(lambda m, inp, out: out * out)  # changes the first layer's output
+    return model
+
+
+EDGE_MODELS = {
+    # (model, closed form expected for the full block)
+    "linear_not_first": (lambda: _mlp(nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)), True),
+    "tied_weights_later": (_tied, True),  # the first layer in closed form, the tied rest by products
+    "tied_first_layer": (lambda: _mlp(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 3)),
+                         True),
+    "linear_subclass": (lambda: _mlp(_SquaredLinear(5, 4), nn.Tanh(), nn.Linear(4, 3)), False),
+    "sequential_subclass": (lambda: _Residual(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double(), False),
+    "hooked_linear": (_hooked, False),
+}
+
+
+@pytest.mark.parametrize("name", list(EDGE_MODELS))
+def test_closed_form_only_where_the_model_is_the_plain_chain(name):
+    """The closed form's assumptions (a plain Sequential chain, ``z = W u + b``, weights not reused later) hold or it
+    is not used: a Linear/Sequential subclass with its own forward gets Hessian-vector products, and every
+    architecture's dense Hessian equals autograd's to 1e-12."""
+    make, closed_expected = EDGE_MODELS[name]
+    model = make()
+    if name == "tied_first_layer":
+        model[2].weight = model[0].weight  # the first layer's weight reused later: the rest's use of it counts
+        closed_expected = False
+    X, Y, data = _data()
+    inf = DirectInfluence(model, F.cross_entropy, regularization=0.1).fit(data)
+    b = inf.blocks[0]
+    ref = _autograd_hessian(model, F.cross_entropy, X, Y, list(b.params))
+    dense = Curvature(inf.fn, b, data, "hessian").dense()
+    assert (dense - ref).abs().max() < 1e-12 * ref.abs().max()
+    assert (inf.fn.leading_linear_hessian_sum(b, *data[1]) is not None) == closed_expected

@@ -3,9 +3,10 @@
 pyDVL's ``DirectInfluence`` re-solves ``torch.linalg.solve(H + lambda I, g)`` on every call, i.e. it refactorises
 the (p, p) matrix for every chunk of test points; here the LU factorisation is computed once in ``fit`` and each
 call is two triangular solves (Cholesky when the regularised curvature is positive definite, LU otherwise).
-The Hessian of a model built from Linear layers (``nn.Linear`` or an ``nn.Sequential`` starting with one) is assembled
-from per-example second derivatives in the layers' outputs (``ModelFunction.leading_linear_hessian_sum``), not from
-one Hessian-vector product per parameter (pyDVL: ``torch.func.hessian`` per batch).
+The Hessian of a model built from Linear layers (``nn.Linear``, or an ``nn.Sequential`` whose first layer with
+parameters in the block is one; plain classes, no hooks) is assembled from per-example second derivatives in the
+layers' outputs (``ModelFunction.leading_linear_hessian_sum``), not from one Hessian-vector product per parameter
+(pyDVL: ``torch.func.hessian`` per batch).
 (pyDVL's dense Gauss-Newton also mis-normalises by the number of parameters;
 ``curvature="empirical_fisher"`` here is the exact mean of ``g g^T``.)
 """

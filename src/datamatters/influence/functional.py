@@ -41,6 +41,13 @@ def _pair_index(n: int, device) -> Tensor:
     return out
 
 
+def _plain(module: nn.Module, cls: type) -> bool:
+    """Whether ``module`` computes exactly what ``cls`` does: an instance whose forward is ``cls.forward`` (a subclass
+    may change it) and without forward hooks (they may change its inputs or outputs)."""
+    return (isinstance(module, cls) and type(module).forward is cls.forward
+            and not (module._forward_hooks or module._forward_pre_hooks))
+
+
 class ModelFunction:
     """``model`` + ``loss`` restricted to the parameters of ``blocks`` (the others are constants)."""
 
@@ -180,13 +187,13 @@ class ModelFunction:
     # ---- dense curvature on one batch (sums) ---------------------------------------------------------------
     def _leading_linear(self, module: nn.Module, x: Tensor, names: Sequence[str]) -> SimpleNamespace | None:
         """Where ``module`` is ``nn.Linear`` or an ``nn.Sequential`` whose first child holding parameters of ``names``
-        is an ``nn.Linear`` on (n, features) inputs (the children before it are applied to ``x``) and the children
-        after it (``rest``) do not reuse its parameters: the layer's input ``u`` (a 1 appended when its bias is in
-        ``names``), its output ``z``, the positions of its parameters (d, K) and of the others among ``names``, and
-        ``rest_out(z, th)``. Else None."""
-        if isinstance(module, nn.Linear):
+        is an ``nn.Linear`` on (n, features) inputs (both exactly these classes' forward, no hooks: ``_plain``; the
+        children before it are applied to ``x``) and the children after it (``rest``) do not reuse its parameters:
+        the layer's input ``u`` (a 1 appended when its bias is in ``names``), its output ``z``, the positions of its
+        parameters (d, K) and of the others among ``names``, and ``rest_out(z, th)``. Else None."""
+        if _plain(module, nn.Linear):
             layer, prefix, rest = module, "", nn.Sequential()
-        elif isinstance(module, nn.Sequential):
+        elif _plain(module, nn.Sequential):
             for i, key in enumerate(module._modules):
                 layer, prefix = module[i], key + "."
                 if any(prefix + k in names for k, _ in layer.named_parameters()):
@@ -198,7 +205,7 @@ class ModelFunction:
                 return None
         else:
             return None
-        if not isinstance(layer, nn.Linear) or prefix + "weight" not in names or x.dim() != 2:
+        if not _plain(layer, nn.Linear) or prefix + "weight" not in names or x.dim() != 2:
             return None
         if {id(p) for p in layer.parameters()} & {id(p) for p in rest.parameters()}:
             return None  # tied weights: the rest's use of them would be missed
