@@ -195,7 +195,9 @@ def test_save_load_roundtrip(tmp_path):
     (dict(val_fraction=0.0), "need a validation split of at least 2 models"),
     (dict(val_fraction=0.001), "need a validation split of at least 2 models"),
     (dict(k=0), "need k >= 1, 0 < eps < 1"), (dict(eps=2.0), "need k >= 1, 0 < eps < 1"),
-    (dict(solver="cd"), "solver must be auto, gram or saga, got 'cd'")])
+    (dict(solver="cd"), "solver must be auto, gram or saga, got 'cd'"),
+    (dict(dtype=torch.bfloat16), r"dtype must be torch.float32 or torch.float64 \(or None\), got torch.bfloat16"),
+    (dict(dtype="float32"), r"dtype must be torch.float32 or torch.float64 \(or None\), got 'float32'")])
 def test_bad_settings_are_user_errors(kw, match):
     X, Y, _ = _problem(N=100, p=10, T=3)
     with pytest.raises(UserError, match=match):

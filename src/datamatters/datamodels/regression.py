@@ -81,7 +81,7 @@ def moments(masks, y, rows: np.ndarray, tslice: slice, *, gram: bool = True, chu
                 torch.zeros(T, **f64), torch.zeros(T, **f64), torch.zeros(p, T, **f64))
     for r in _rows_chunks(np.sort(rows), chunk):
         X, Y = read_block(masks, y, r, tslice, device, torch.float64)
-        X32 = X.float()
+        X32 = X.float() if gram or xy_dtype != torch.float64 else None
         m.n += len(r)
         sx = X.sum(0)
         m.sx += sx
@@ -623,6 +623,8 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
     solver = ("gram" if p <= gram_max_features else "saga") if solver == "auto" else solver
     if solver not in ("gram", "saga"):
         raise UserError(f"solver must be auto, gram or saga, got {solver!r}")
+    if dtype is not None and dtype not in (torch.float32, torch.float64):  # moments and sweeps assume one of them
+        raise UserError(f"dtype must be torch.float32 or torch.float64 (or None), got {dtype!r}")
     if dtype is None:  # SAGA's own criterion (saga_tol on the step) does not need a float64 gap
         dtype = torch.float32 if tol >= F32_MIN_TOL or solver == "saga" else torch.float64
     elif dtype == torch.float32 and solver == "gram" and tol < F32_MIN_TOL:
