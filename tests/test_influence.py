@@ -275,6 +275,22 @@ def test_trak_float32_refuses_ill_conditioned_kernels():
                 float32_check(K, L, 0.0, 100)
 
 
+def test_trak_kernel_overflow_is_a_non_finite_error_not_singular():
+    """Finite float32 gradients whose Gram overflows (inputs ~3e19): the non-finite kernel is named as such (it was
+    reported as singular, with advice to raise a regularization that was already 0.1), in both TRAK forms."""
+    from datamatters.influence.trak import trak_ensemble
+
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(40, 5, generator=g) * 3e19, torch.randint(0, 3, (40,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Linear(5, 3)
+    with pytest.raises(UserError, match="TrakInfluence: non-finite training features"):
+        TrakInfluence(model, F.cross_entropy, projection_dim=8, regularization=0.1).fit([(X, y)])
+    with pytest.raises(UserError, match="non-finite gradients"):
+        trak_ensemble([model], F.cross_entropy, X, y, X[:3], y[:3], projection_dim=8, regularization=0.1)
+    TrakInfluence(model, F.cross_entropy, projection_dim=8, regularization=0.1).fit([(X / 1e19, y)])  # control
+
+
 def test_block_structures_and_per_block_regularization(linear):
     torch.manual_seed(1)
     model = nn.Sequential(nn.Linear(D, 3), nn.Tanh(), nn.Linear(3, M)).double()

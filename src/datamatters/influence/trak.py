@@ -170,6 +170,9 @@ class TrakInfluence(InfluenceModel):
             else:
                 kept = None
         K = (K / n).to(torch.float64) + self.lam * torch.eye(self.k, dtype=torch.float64, device=K.device)
+        # a non-finite feature (e.g. a float32 Gram that overflows) makes its diagonal entry non-finite; Cholesky
+        # would call such a kernel singular
+        self._finite(torch.diagonal(K), "training features")
         L, info = torch.linalg.cholesky_ex(K)
         if int(info) != 0:
             raise UserError(f"TRAK kernel is singular (projection_dim={self.k} vs {n} training points); "
