@@ -43,8 +43,9 @@ class Curvature:
         self.graph_cache = int(graph_cache) if isinstance(data, list) and kind == "hessian" else 0
         self._pulls: dict = {}
         self._cached = 0
-        # dense Hessians of models that start with a Linear layer take that layer's rows in closed form
-        # (ModelFunction.leading_linear_hessian_sum); False forces one Hessian-vector product per parameter
+        # dense Hessians of Linear/Sequential models whose first layer with block parameters is a Linear layer take
+        # the Linear layers' rows in closed form (ModelFunction.leading_linear_hessian_sum); False (a test control)
+        # forces one Hessian-vector product per parameter
         self.closed_form = bool(closed_form)
         self.size = block.size
         self.n_matvec = 0  # vectors multiplied (for tests and reports)
