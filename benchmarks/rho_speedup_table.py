@@ -28,13 +28,15 @@ def _infobatch_goal(ib: dict, other: dict, name: str) -> dict:
         g = {"acc_drop_points": 100 * (other["final_acc"] - ib["final_acc"]),
              "time_saved": 1 - ib["train_s_total"] / other["train_s_total"],
              "cpu_time_saved": 1 - ib["train_cpu_s_total"] / other["train_cpu_s_total"], "unpaired": True}
-    g["met"] = g["acc_drop_points"] <= 0.5 and g["time_saved"] >= 0.30
+    g["met_in_wall_clock"] = g["acc_drop_points"] <= 0.5 and g["time_saved"] >= 0.30
     g["met_in_cpu_seconds"] = g["acc_drop_points"] <= 0.5 and g["cpu_time_saved"] >= 0.30
+    g["met"] = g["met_in_wall_clock"] and g["met_in_cpu_seconds"]  # both clocks: wall-clock alone is load-dependent
     return g
 
 
 def goals(summary: dict) -> dict:
-    """The issue's goals, each as measured / met."""
+    """The issue's goals, each as measured / met; a time goal is met only when both wall-clock and process CPU time
+    meet it (on a shared machine wall-clock alone can pass or fail with the load)."""
     out = {}
     rho = {cell: next((r for r in rows if r["baseline"] == "uniform" and r["label"] == "reducible_loss"), None)
            for cell, rows in summary.items()}
@@ -46,14 +48,16 @@ def goals(summary: dict) -> dict:
         r = rho.get(cell)
         if r:
             out[f"rho_wallclock_with_il_{cell} >= 1.5"] = {
-                "measured": r["sp_secs_il"], "ci": [r["sp_secs_il_lo"], r["sp_secs_il_hi"]], "met": r["sp_secs_il"] >= 1.5,
+                "measured": r["sp_secs_il"], "ci": [r["sp_secs_il_lo"], r["sp_secs_il_hi"]], "met": r["sp_secs_il"] >= 1.5 and r["sp_cpu_il"] >= 1.5,
+                "met_in_wall_clock": r["sp_secs_il"] >= 1.5,
                 "cpu_seconds_speedup_with_il": r["sp_cpu_il"], "met_in_cpu_seconds": r["sp_cpu_il"] >= 1.5,
                 "without_il": r["sp_secs"], "cpu_seconds_without_il": r["sp_cpu"]}
         r = next((r for r in summary.get(cell, []) if r["baseline"] == "uniform"
                   and r["label"] == "reducible_loss_small_il"), None)
         if r:  # the labelled variant: a small IL model trained a few epochs, its cost timed the same way
             out[f"variant reducible_loss_small_il: rho_wallclock_with_il_{cell} >= 1.5"] = {
-                "measured": r["sp_secs_il"], "ci": [r["sp_secs_il_lo"], r["sp_secs_il_hi"]], "met": r["sp_secs_il"] >= 1.5,
+                "measured": r["sp_secs_il"], "ci": [r["sp_secs_il_lo"], r["sp_secs_il_hi"]], "met": r["sp_secs_il"] >= 1.5 and r["sp_cpu_il"] >= 1.5,
+                "met_in_wall_clock": r["sp_secs_il"] >= 1.5,
                 "cpu_seconds_speedup_with_il": r["sp_cpu_il"], "met_in_cpu_seconds": r["sp_cpu_il"] >= 1.5,
                 "without_il": r["sp_secs"], "steps_speedup": r["sp_steps"], "reached": f"{r['reached']}/{r['seeds']}"}
     for cell, rows in summary.items():

@@ -54,6 +54,18 @@ def test_goals_missed_just_past_the_thresholds(tab, kw, key):
     assert not g[key]["met"]
 
 
+def test_a_time_goal_needs_both_clocks(tab):
+    """Wall-clock on a loaded machine once passed goals that process CPU time missed (and could do the reverse)."""
+    c = cell()
+    next(r for r in c if r["label"] == "reducible_loss")["sp_cpu_il"] = 1.42  # wall 1.6x, CPU 1.42x
+    next(r for r in c if r["label"] == "infobatch")["train_cpu_s_total"] = 3.6  # wall 31% saved, CPU 28%
+    g = tab.goals({"mnist1d:uniform:0.2": c})
+    rho = g["rho_wallclock_with_il_mnist1d:uniform:0.2 >= 1.5"]
+    assert rho["met_in_wall_clock"] and not rho["met_in_cpu_seconds"] and not rho["met"]
+    ib = g["infobatch_mnist1d:uniform:0.2: acc within 0.5 pt of full data at >= 30% less time"]
+    assert ib["met_in_wall_clock"] and not ib["met_in_cpu_seconds"] and not ib["met"]
+
+
 def test_markdown_shows_ci_na_and_misses(tab):
     summary = {"mnist1d:uniform:0.1": cell(rho_steps=float("nan"))}
     md = tab.markdown({"summary": summary, "goals": tab.goals(summary), "setup": {"n_B": 320}, "reps": 3,
