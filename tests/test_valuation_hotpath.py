@@ -268,7 +268,7 @@ def test_one_subset_per_call_equals_one_batch_with_failures_and_nans(grouped):
     assert one.n_nan > 0 and (one.n_failed > 0) == (not grouped)
     strict = ModelUtility(Picky(), scorer, catch_errors=False).with_dataset(train)
     bad = next(r for r in map(train.rows, masks) if len(r) > 1 and np.bincount(train.y[r]).argmax() == 0)
-    with pytest.raises(UserError, match=f"returned NaN for a subset of {len(bad)} points"):
+    with pytest.raises(UserError, match=f"returned NaN or inf for a subset of {len(bad)} points"):
         strict.evaluate(np.isin(train.group_of_row, train.group_of_row[bad])[None] if not grouped else
                         np.isin(np.arange(len(train)), np.unique(train.group_of_row[bad]))[None])
 
@@ -293,3 +293,30 @@ def test_a_truncation_policy_with_the_old_array_check_is_refused():
         class Old(TruncationPolicy):
             def check(self, count, u, n, total):
                 return np.zeros(len(u), bool)
+
+
+def test_an_infinite_score_is_treated_like_nan():
+    """A scorer returning -inf (e.g. a log-likelihood) gets the default and counts in n_nan, one subset per call and
+    in a batch alike; with catch_errors=False it is one UserError. It used to pass through and turn every TMC
+    value into NaN."""
+    train, test = problem(12)
+
+    def inf_for_class_0(model, X, y):
+        return float("-inf") if model.c_ == 0 else float(np.mean(model.predict(X) == y))
+
+    scorer = SupervisedScorer(inf_for_class_0, test, default=-1.0)
+    masks = np.random.default_rng(4).random((30, 12)) < 0.5
+    masks = np.unique(masks[masks.sum(1) > 1], axis=0)
+    batch = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
+    one = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
+    expected = batch.evaluate(masks)
+    got = np.array([one.evaluate(m[None])[0] for m in masks])
+    np.testing.assert_array_equal(got, expected)
+    assert np.isfinite(got).all() and (got == -1.0).any() and (got != -1.0).any()
+    assert one.n_nan == batch.n_nan == int((got == -1.0).sum()) and one.n_failed == 0
+    strict = ModelUtility(Picky(), scorer, catch_errors=False).with_dataset(train)
+    bad = masks[np.flatnonzero(got == -1.0)[0]]
+    with pytest.raises(UserError, match=f"returned NaN or inf for a subset of {bad.sum()} points"):
+        strict.evaluate(bad[None])
+    with pytest.raises(UserError, match="returned NaN or inf"):
+        strict.evaluate(np.stack([bad, ~bad | bad]))

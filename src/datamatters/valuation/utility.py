@@ -4,9 +4,10 @@
 empty subsets with ``default`` (the scorer's), removes duplicate subsets, looks the rest up in the optional
 cache (keyed by the set, so order never matters), and computes what is left in chunks, in this process or on
 the workers of the active ``session`` (see ``parallel``). Subclasses implement ``_compute(masks)`` for
-non-empty, distinct subsets and return ``(scores, status)`` with status 0 = ok, 1 = fit failed, 2 = NaN score.
+non-empty, distinct subsets and return ``(scores, status)`` with status 0 = ok, 1 = fit failed, 2 = NaN score
+(``ModelUtility``: NaN or inf, since an infinite u(S) would make every marginal and value NaN).
 
-A failed fit or a NaN score gives ``default`` with a warning (pyDVL's behaviour) when ``catch_errors``;
+A failed fit or such a score gives ``default`` with a warning (pyDVL's behaviour) when ``catch_errors``;
 otherwise a ``UserError`` names the subset size and the error.
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from datamatters.valuation.dataset import Dataset, check_nonempty
 from datamatters.valuation.parallel import make_executor, resolve_n_jobs, split
 from datamatters.valuation.scorers import Scorer
 
-OK, FIT_FAILED, NAN_SCORE = 0, 1, 2
+OK, FIT_FAILED, NAN_SCORE = 0, 1, 2  # NAN_SCORE: ModelUtility's non-finite scores (NaN or inf)
+_INF = float("inf")
 
 
 class UtilityCache:
@@ -333,7 +335,7 @@ class Utility:
             self.n_failed += int((status == FIT_FAILED).sum())
             self.n_nan += int((status == NAN_SCORE).sum())
             if self.show_warnings:  # one fixed text and place, so Python shows it once, not once per batch
-                warnings.warn(f"some fits failed or scored NaN; such subsets get the default {self.default} "
+                warnings.warn(f"some fits failed or scored NaN or inf; such subsets get the default {self.default} "
                               "(counts in utility.n_failed / utility.n_nan)", RuntimeWarning, stacklevel=2)
             scores[status != OK] = self.default
         return scores
@@ -487,7 +489,7 @@ class ModelUtility(Utility):
             return super()._evaluate(masks, distinct)
         r = masks[0] if self.data.group_labels is None else masks[0][self.data.group_of_row]
         score, status = self._fit_score(r)
-        if status == OK and score == score:  # not NaN
+        if status == OK and -_INF < score < _INF:  # finite (NaN fails both comparisons)
             self.n_evaluations += 1
             out = np.empty(1)
             out[0] = score
@@ -517,11 +519,11 @@ class ModelUtility(Utility):
 
     def _nan_status(self, size: int) -> int:
         if not self.catch_errors:
-            raise UserError(f"scorer {self.scorer.name} returned NaN for a subset of {size} points")
+            raise UserError(f"scorer {self.scorer.name} returned NaN or inf for a subset of {size} points")
         return NAN_SCORE
 
     def _compute(self, masks):
-        """Fit and score each subset, with the NaN check vectorised after the loop."""
+        """Fit and score each subset, with the check for non-finite scores vectorised after the loop."""
         rows = self.data.row_masks(masks)
         scores = np.zeros((len(masks),) + (() if self.n_outputs is None else (self.n_outputs,)))
         status = np.zeros(len(masks), np.int8)
@@ -530,7 +532,7 @@ class ModelUtility(Utility):
             scores[j], st = fit_score(r)
             if st:
                 status[j] = st
-        nan = np.isnan(scores)
+        nan = ~np.isfinite(scores)
         if np.count_nonzero(nan):
             nan = nan.reshape(len(masks), -1).any(1)
             status[nan] = self._nan_status(int(rows[np.argmax(nan)].sum()))
