@@ -297,3 +297,16 @@ def test_duality_gap_equals_the_explicit_primal_dual_gap():
             c = lam / dual_norm if dual_norm > lam else 1.0
             gap = 0.5 * (r @ r / n) * (1 + c * c) + lam * np.abs(w).sum() - c * (r @ y) / n
             assert float(got[t]) == pytest.approx(gap, rel=1e-9)
+
+
+@pytest.mark.parametrize("solver", ["gram", "saga"])
+def test_non_finite_outputs_are_one_user_error(solver):
+    """A NaN or inf output in the rows fitted is one UserError naming the target (it gave NaN weights silently);
+    the same outputs without it fit (control)."""
+    X, Y, _ = _problem(N=100, p=10, T=3)
+    fit_datamodels(X, Y, k=3, solver=solver, saga_max_epochs=3)
+    for bad in (np.nan, np.inf):
+        Yb = Y.astype(float)
+        Yb[7, 2] = bad
+        with pytest.raises(UserError, match=r"outputs hold NaN or inf for targets \[2\]"):
+            fit_datamodels(X, Yb, k=3, solver=solver, saga_max_epochs=3)

@@ -637,6 +637,11 @@ def _fit(masks, outputs, rows: Sequence[int] | None = None, *, val_fraction: flo
     x_form = gram and 3 * (len(tr) + len(va)) < p  # few models: never form the p x p Gram matrix
     mkw = dict(gram=gram and not x_form, chunk=chunk, device=device, xy_dtype=dtype)
     m_tr, m_va = moments(masks, outputs, tr, tslice, **mkw), moments(masks, outputs, va, tslice, **mkw)
+    finite = torch.isfinite(torch.stack([m_tr.sy, m_tr.syy, m_va.sy, m_va.syy])).all(0)  # NaN/inf outputs reach these
+    if not bool(finite.all()):
+        bad = (start + (~finite).nonzero().flatten()).tolist()
+        raise UserError(f"outputs hold NaN or inf for targets {bad[:10]} (in the {len(tr) + len(va)} models fitted): "
+                        "drop those models' rows or recompute their outputs")
     S = standardise(m_tr, dtype)
     lambdas = lambda_path(S.q, k, eps)
 
