@@ -52,6 +52,38 @@ def test_diverged_torch_models_are_failed_fits_not_class_zero_predictors():
     assert ok.evaluate(masks).shape == (2,) and ok.n_failed == 0
 
 
+@pytest.mark.parametrize("bad_score", [-np.inf, np.inf, np.nan])
+def test_a_non_finite_torch_score_is_treated_like_nan(bad_score):
+    """As in ModelUtility: a finite model whose score is NaN or +-inf gets the default and counts in n_nan (not
+    n_failed); with catch_errors=False it is one UserError naming the first such subset's size. An infinite score
+    used to pass through into the values."""
+    train, test = problem()
+
+    class BadWhenFirstPointIsClass0(SupervisedScorer):
+        def from_logits(self, logits):
+            bad = logits[:, 0].argmax(-1).cpu().numpy() == 0
+            self.bad.append(bad)
+            return np.where(bad, bad_score, super().from_logits(logits))
+
+    def utility(scorer, **kw):
+        return TorchUtility(build_model("logistic", (4,), 3), scorer, epochs=1, batch_size=8, lr=0.1,
+                            **kw).with_dataset(train)
+
+    masks = np.random.default_rng(3).random((12, 20)) < 0.6
+    plain = utility(SupervisedScorer("accuracy", test)).evaluate(masks)  # same subsets, same seeds, same models
+    scorer = BadWhenFirstPointIsClass0("accuracy", test, default=-1.0)
+    scorer.bad = []
+    u = utility(scorer, show_warnings=False)
+    got = u.evaluate(masks)
+    bad = np.concatenate(scorer.bad)
+    assert bad.any() and not bad.all()
+    np.testing.assert_array_equal(got, np.where(bad, -1.0, plain))
+    assert (u.n_nan, u.n_failed) == (bad.sum(), 0)
+    strict = utility(scorer, catch_errors=False)
+    with pytest.raises(UserError, match=f"accuracy returned NaN or inf for a subset of {masks[bad][0].sum()} points"):
+        strict.evaluate(masks)
+
+
 def test_torch_inputs_are_checked_when_bound():
     train, test = problem()
     x = train.x.copy()

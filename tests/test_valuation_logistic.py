@@ -67,6 +67,31 @@ def test_utilities_equal_sklearn_and_one_class_subsets_fail():
         strict.evaluate(masks[2:3])
 
 
+@pytest.mark.parametrize("bad_score", [-np.inf, np.inf, np.nan])
+def test_a_non_finite_score_is_treated_like_nan_as_in_model_utility(bad_score):
+    """A NaN or +-inf score gets the default and counts in n_nan, the same values and counts as ModelUtility;
+    with catch_errors=False it is ModelUtility's UserError. An infinite score used to pass through into the values."""
+    X, y, Xt, yt = digits()
+
+    def bad_if_first_point_right(model, X, y):  # a log-likelihood-like scorer that can be infinite
+        pred = model.predict(X)
+        return bad_score if pred[0] == y[0] else float(np.mean(pred == y))
+
+    scorer = SupervisedScorer(bad_if_first_point_right, Dataset(Xt, yt), default=-1.0)
+    model = LogisticRegression(tol=1e-10, max_iter=10_000)
+    masks = subsets(y)
+    ours = LogisticUtility(model, scorer, show_warnings=False).with_dataset(Dataset(X, y))
+    ref = ModelUtility(model, scorer, show_warnings=False).with_dataset(Dataset(X, y))
+    u = ours.evaluate(masks)
+    np.testing.assert_array_equal(u, ref.evaluate(masks))
+    assert (u == -1.0).any() and (u != -1.0).any()
+    assert ours.n_nan == ref.n_nan == (u == -1.0).sum() and ours.n_failed == 0
+    strict = LogisticUtility(model, scorer, catch_errors=False).with_dataset(Dataset(X, y))
+    size = masks[u == -1.0][0].sum()
+    with pytest.raises(UserError, match=f"bad_if_first_point_right returned NaN or inf for a subset of {size} points"):
+        strict.evaluate(masks)
+
+
 def test_other_logistic_models_are_refused():
     _, _, Xt, yt = digits()
     scorer = SupervisedScorer("accuracy", Dataset(Xt, yt))

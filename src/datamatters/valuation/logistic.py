@@ -239,10 +239,9 @@ class LogisticUtility(Utility):
             for j, b in enumerate(part):
                 scores[b] = self.scorer(_Fitted(W[j], self._classes, present[b], self.fit_intercept))
             self._last = (masks[part], W)
-        nan = np.isnan(scores.reshape(len(masks), -1)).any(1) & ok
-        if nan.any() and not self.catch_errors:
-            raise UserError(f"scorer {self.scorer.name} returned NaN for {int(nan.sum())} subsets")
-        status[nan] = 2
+        nan = ~np.isfinite(scores.reshape(len(masks), -1)).all(1) & ok  # NaN or inf, as in ModelUtility
+        if np.count_nonzero(nan):
+            status[nan] = self._nan_status(int(masks[int(np.argmax(nan))].sum()))
         return scores, status
 
     def __str__(self):

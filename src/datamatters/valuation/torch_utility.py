@@ -7,7 +7,8 @@ reproducibility exact.
 
 A model whose outputs are not finite (diverged training) is a failed fit, like an exception in sklearn's
 ``fit``: it gets the default score, is counted in ``n_failed`` and warned about, or raises a ``UserError`` when
-``catch_errors=False`` (argmax of NaN logits would otherwise score it as "always class 0"). Inputs are checked
+``catch_errors=False`` (argmax of NaN logits would otherwise score it as "always class 0"). A NaN or infinite
+score of a finite model is treated as in ``ModelUtility`` (the default, counted in ``n_nan``). Inputs are checked
 once, at ``with_dataset``: finite features, the test set's feature shape, labels in ``[0, n_outputs)``.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from datamatters.errors import UserError
 from datamatters.valuation.dataset import check_finite, check_labels, check_same_features
-from datamatters.valuation.utility import FIT_FAILED, NAN_SCORE, OK, Utility, subset_ids
+from datamatters.valuation.utility import FIT_FAILED, OK, Utility, subset_ids
 
 
 class TorchUtility(Utility):
@@ -80,14 +81,14 @@ class TorchUtility(Utility):
             finite.append(torch.isfinite(logits).flatten(1).all(1).cpu().numpy())
             out.append(np.asarray(self.scorer.from_logits(logits), float))
         scores, finite = np.concatenate(out), np.concatenate(finite)
-        nan = np.isnan(scores).reshape(len(masks), -1).any(1) & finite
+        nan = ~np.isfinite(scores).reshape(len(masks), -1).all(1) & finite  # a finite model's NaN or inf score
         if not self.catch_errors and not finite.all():
             raise UserError(f"training diverged for {int((~finite).sum())} of {len(masks)} subsets: the model's "
                             "outputs are NaN or inf (lower the learning rate, or pass catch_errors=True to score "
                             f"such subsets with the default {self.default})")
-        if not self.catch_errors and nan.any():
-            raise UserError(f"scorer {self.scorer.name} returned NaN for {int(nan.sum())} subsets")
-        status = np.where(~finite, FIT_FAILED, np.where(nan, NAN_SCORE, OK)).astype(np.int8)
+        status = np.where(finite, OK, FIT_FAILED).astype(np.int8)
+        if np.count_nonzero(nan):
+            status[nan] = self._nan_status(int(rows[int(np.argmax(nan))].sum()))
         scores[status != OK] = self.default
         return scores, status
 

@@ -5,7 +5,8 @@ empty subsets with ``default`` (the scorer's), removes duplicate subsets, looks 
 cache (keyed by the set, so order never matters), and computes what is left in chunks, in this process or on
 the workers of the active ``session`` (see ``parallel``). Subclasses implement ``_compute(masks)`` for
 non-empty, distinct subsets and return ``(scores, status)`` with status 0 = ok, 1 = fit failed, 2 = NaN score
-(``ModelUtility``: NaN or inf, since an infinite u(S) would make every marginal and value NaN).
+(model utilities - ``ModelUtility``, ``LogisticUtility``, ``TorchUtility``: NaN or inf, since an infinite u(S)
+would make every marginal and value NaN).
 
 A failed fit or such a score gives ``default`` with a warning (pyDVL's behaviour) when ``catch_errors``;
 otherwise a ``UserError`` names the subset size and the error.
@@ -25,7 +26,7 @@ from datamatters.valuation.dataset import Dataset, check_nonempty
 from datamatters.valuation.parallel import make_executor, resolve_n_jobs, split
 from datamatters.valuation.scorers import Scorer
 
-OK, FIT_FAILED, NAN_SCORE = 0, 1, 2  # NAN_SCORE: ModelUtility's non-finite scores (NaN or inf)
+OK, FIT_FAILED, NAN_SCORE = 0, 1, 2  # NAN_SCORE: a model utility's non-finite scores (NaN or inf)
 _INF = float("inf")
 
 
@@ -343,6 +344,12 @@ class Utility:
     def _compute(self, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _nan_status(self, size: int) -> int:
+        """Status of a non-finite score (NaN or inf), for model utilities; ``size``: the first such subset's."""
+        if not self.catch_errors:
+            raise UserError(f"scorer {self.scorer.name} returned NaN or inf for a subset of {size} points")
+        return NAN_SCORE
+
     def _require_data(self) -> None:
         if self.data is None:
             raise UserError("bind the utility to data first: utility = utility.with_dataset(train)")
@@ -516,11 +523,6 @@ class ModelUtility(Utility):
         if self.warm_start:
             self._warm = model
         return score, OK
-
-    def _nan_status(self, size: int) -> int:
-        if not self.catch_errors:
-            raise UserError(f"scorer {self.scorer.name} returned NaN or inf for a subset of {size} points")
-        return NAN_SCORE
 
     def _compute(self, masks):
         """Fit and score each subset, with the check for non-finite scores vectorised after the loop."""
