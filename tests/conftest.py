@@ -59,6 +59,18 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread_per_module():
+    """One torch thread for a module's module-scoped fixtures too (they are set up before the function-scoped
+    autouse fixture above); a module opts in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_blas_thread():
     """The same for numpy/scikit-learn's BLAS: two xdist workers with two BLAS threads each oversubscribe 2 cores

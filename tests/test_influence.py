@@ -22,12 +22,7 @@ D, M, N, LAM = 4, 3, 48, 0.1
 P = M * D + M
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machines are oversubscribed; BLAS threads only contend
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")  # module fixtures fit models too
 
 
 # ---- the closed form: y = W x + b with MSE (mean over the M outputs) --------------------------------------------

@@ -15,12 +15,7 @@ from datamatters.influence import store
 from datamatters.influence.calculators import DaskInfluenceCalculator, SequentialInfluenceCalculator, write_dask
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_per_module")  # module fixtures fit models too
 
 
 @pytest.fixture(scope="module")

@@ -13,14 +13,6 @@ from datamatters.influence import DirectInfluence
 from datamatters.influence.curvature import Curvature
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _data(n=23, d=5, c=3, regression=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(n, d, generator=g, dtype=torch.float64)
