@@ -228,9 +228,11 @@ def test_trak_ensemble_float32_matches_float64():
             one = TrakInfluence(m, F.cross_entropy, projection_dim=12, regularization=0.01, seed=kw["seeds"][c],
                                 projection=proj, dtype="float32").fit([(X, y)])
             assert next(m.parameters()).dtype == torch.float64  # the caller's model is not converted
-            got = one.influences(Xt, yt, X, y)
-            assert got.dtype == torch.float32 and _rel(got.double(), S64[c]) < 1e-5
-            assert _rel(got.double(), S32[c]) < 1e-5
+            got = one.influences(Xt, yt, X, y)  # computed in float32, returned in the model's dtype like S32
+            assert got.dtype == torch.float64 and _rel(got, S64[c]) < 1e-5 and _rel(got, S32[c]) < 1e-5
+            assert one.self_influences(X, y).dtype == one.influences(Xt, yt, X, y, mode="perturbation").dtype == \
+                torch.float64
+            assert one.influence_factors(Xt, yt).dtype == torch.float32  # factors stay in the compute dtype
     other = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, dtype=torch.float32,
                           **{**kw, "seeds": [5, 6, 7]})  # control: another projection fails the tolerance
     assert _rel(other, S64) > 0.05

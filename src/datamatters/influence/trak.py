@@ -10,7 +10,7 @@ trained models is done by averaging the score matrices of the members (``trak_en
 
 ``dtype="float32"`` (both forms) computes gradients, projections and the Gram matrix in traker's precision (about
 twice as fast on CPU); the kernel is always factorized and solved in float64, and refused in float32 when it is too
-ill-conditioned for it (``float32_check``).
+ill-conditioned for it (``float32_check``). Both return the scores in the models' own dtype (the caller's precision).
 
 ``regularization`` is added to the *mean* ``Phi^T Phi / n`` like every other method here (TRAK's ``lambda`` on
 the sum is ``n`` times larger). ``fit`` keeps the training features (when small), so ``influences`` against the
@@ -98,13 +98,20 @@ def _chol_solve(B: Tensor, L: Tensor) -> Tensor:
 
 
 class TrakInfluence(InfluenceModel):
+    """``dtype`` (``None``: the model's own) is the compute precision, used on a converted copy of the model (the
+    caller's is left as it is). Scores (``influences``, ``influences_from_factors``, ``self_influences``) come back
+    in the caller's model's dtype, as from ``trak_ensemble``; features and factors stay in the compute dtype."""
+
     def __init__(self, model, loss, *, projection_dim: int = 512, regularization=0.0,
                  projection: str = "rademacher", seed: int = 0, block_structure="full", cache_limit: int = 1 << 26,
                  dtype=None, **kw):
         reject_options("TrakInfluence", kw, {"curvature": "its kernel is the projected empirical Fisher"})
         if isinstance(regularization, dict):
             raise UserError("TRAK has one projected kernel: regularization must be a single number")
-        if dtype is not None:  # compute in this precision: a converted copy (the caller's model is left as it is)
+        self.score_dtype = None  # None: the compute dtype is the model's own
+        if dtype is not None and isinstance(model, nn.Module):
+            first = next(model.parameters(), None)
+            self.score_dtype = None if first is None else first.dtype
             model = copy.deepcopy(model).to(compute_dtype(dtype, torch.float64))
         super().__init__(model, loss, regularization=regularization, block_structure=block_structure,
                          curvature="empirical_fisher", **kw)
@@ -185,6 +192,16 @@ class TrakInfluence(InfluenceModel):
 
     def _solve(self, Phi: Tensor) -> Tensor:
         return _chol_solve(Phi.T.to(torch.float64), self._chol).T.to(Phi.dtype)
+
+    # ---- scores in the caller's dtype ----------------------------------------------------------------------
+    def _scores(self, S: Tensor) -> Tensor:
+        return S if self.score_dtype is None else S.to(self.score_dtype)
+
+    def influences_from_factors(self, factors: Tensor, x: Tensor, y: Tensor, mode="up") -> Tensor:
+        return self._scores(super().influences_from_factors(factors, x, y, mode))
+
+    def self_influences(self, x: Tensor, y: Tensor) -> Tensor:
+        return self._scores(super().self_influences(x, y))
 
 
 def trak_ensemble(models: Sequence[nn.Module], loss, x: Tensor, y: Tensor, x_test: Tensor, y_test: Tensor, *,
