@@ -11,6 +11,7 @@ from torch import nn
 
 from datamatters.errors import UserError
 from datamatters.influence import DirectInfluence
+from datamatters.influence.trak import TrakInfluence
 from datamatters.influence import store
 from datamatters.influence.calculators import DaskInfluenceCalculator, SequentialInfluenceCalculator, write_dask
 
@@ -35,6 +36,25 @@ def _dask(s):
     X, Y = s["X"].numpy(), s["Y"].numpy()
     return (da.from_array(X[:15], chunks=5), da.from_array(Y[:15], chunks=5), da.from_array(X, chunks=20),
             da.from_array(Y, chunks=20))
+
+
+def test_dask_scores_of_a_float32_trak_on_a_float64_model_are_float64(setup):
+    """TrakInfluence(dtype=float32) computes in float32 and returns the caller's dtype; the dask graph must declare
+    and deliver that dtype in both modes, as the in-memory call does."""
+    X, Y = setup["X"].double(), setup["Y"]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    inf = TrakInfluence(model, F.cross_entropy, projection_dim=16, regularization=0.1, dtype="float32")
+    inf.fit([(torch.arange(60), X, Y)])
+    xt, yt, x, y = (da.from_array(a, chunks=c) for a, c in
+                    ((X[:15].numpy(), 5), (Y[:15].numpy(), 5), (X.numpy(), 20), (Y.numpy(), 20)))
+    calc = DaskInfluenceCalculator(inf, "synchronous")
+    for mode in ("up", "perturbation"):
+        want = inf.influences(X[:15], Y[:15], X, Y, mode=mode)
+        arr = calc.influences(xt, yt, x, y, mode=mode)
+        got = arr.compute(scheduler="synchronous")
+        assert want.dtype == torch.float64 and arr.dtype == np.float64 and got.dtype == np.float64
+        assert np.allclose(got, want.numpy(), rtol=1e-5, atol=1e-6 * want.abs().max().item())  # float32 compute
 
 
 @pytest.mark.parametrize("budget", [1, 1 << 20], ids=["group_per_chunk", "one_group"])

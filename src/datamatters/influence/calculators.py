@@ -193,8 +193,8 @@ def _features_task(model: InfluenceModel, x: np.ndarray, y: np.ndarray) -> np.nd
                                       torch.from_numpy(np.ascontiguousarray(y))))
 
 
-def _product_task(F: np.ndarray, feats: np.ndarray) -> np.ndarray:
-    return F @ feats.T
+def _product_task(F: np.ndarray, feats: np.ndarray, dtype) -> np.ndarray:
+    return (F @ feats.T).astype(dtype, copy=False)  # factors may be in a compute dtype other than the scores'
 
 
 def _perturbation_task(model: InfluenceModel, F: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -278,12 +278,13 @@ class DaskInfluenceCalculator:
             raise UserError("influences: give both x and y for the training side, or neither")
         x_test, y_test = self._prepare(x_test, y_test, "influences (test side)")
         x, y = (x_test, y_test) if x is None else self._prepare(x, y, "influences (train side)")
-        dtype = _np(torch.zeros((), dtype=self.model.fn.dtype)).dtype
+        score_dtype = getattr(self.model, "score_dtype", None) or self.model.fn.dtype  # TRAK: the caller's dtype
+        dtype = _np(torch.zeros((), dtype=score_dtype)).dtype
         factors = self._factor_nodes(x_test, y_test)
         train = list(zip(x.chunks[0], x.to_delayed().ravel(), y.to_delayed().ravel()))
         if mode == "up":
             feats = [delayed(_features_task, pure=True)(self._model, xb, yb) for _, xb, yb in train]
-            rows = [[da.from_delayed(delayed(_product_task, pure=True)(F, f), shape=(m, n), dtype=dtype)
+            rows = [[da.from_delayed(delayed(_product_task, pure=True)(F, f, dtype), shape=(m, n), dtype=dtype)
                      for (n, _, _), f in zip(train, feats)] for m, F in factors]
         else:
             tail = tuple(x.shape[1:])
