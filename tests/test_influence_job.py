@@ -18,14 +18,6 @@ SMALL = ["+experiment=digits_influence", "model.hidden=[6]", "influence.num_test
          "influence.train.epochs=3", "influence.lds.n_boot=50", "logger.wandb.enabled=false"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def test_every_method_has_a_config_that_builds_its_model():
     from omegaconf import OmegaConf
 
