@@ -290,16 +290,22 @@ def _overhead_rows(ov: dict) -> list:
     if w:
         s1, s2 = w.get("serial", {}), w.get("two_workers_reused_pool", {})
         first = w.get("two_workers_first_fit", {})
-        loads = [r.get("load_average_1min") for r in s1.get("runs", []) + s2.get("runs", [])]
-        loads = [x for x in loads if _num(x)]
         rows.append([f"2 local workers vs serial: {w.get('case', '')}",
                      f"serial {med_min(s1)} (CPU {secs(s1.get('cpu_s_median'))}); 2 workers {med_min(s2)} (CPU, "
                      f"workers included, {secs(s2.get('cpu_s_median'))}); first fit (worker start) "
-                     f"{secs(first.get('wall_s'))}; load average {sig(min(loads), 2) if loads else NA}-"
-                     f"{sig(max(loads), 2) if loads else NA} on 2 cores",
+                     f"{secs(first.get('wall_s'))}; {_workers_load(w)}",
                      goal_ge(w.get("speedup_reused_pool"), 1.0) + ("; identical values"
                                                                   if w.get("values_identical") else "")])
     return rows
+
+
+def _workers_load(w: dict) -> str:
+    """The load average recorded with the workers runs: 2 workers beat serial only where a core is free."""
+    loads = [r.get("load_average_1min") for r in w.get("serial", {}).get("runs", [])
+             + w.get("two_workers_reused_pool", {}).get("runs", [])]
+    loads = [x for x in loads if _num(x)]
+    return (f"load average {sig(min(loads), 2)}-{sig(max(loads), 2)} on 2 cores" if loads
+            else "load average not recorded")
 
 
 def render_valuation_scale() -> str:
@@ -600,10 +606,11 @@ def _status_overhead():
         return None
     lo = get(d, "overhead_us_per_evaluation_vs_logistic_fit.tmc_ours")
     tr = get(d, "cases.overhead_trivial.tmc_ours.cpu_overhead_vs_bare")
-    w = get(d, "cases.workers.speedup_reused_pool")
+    w = get(d, "cases.workers") or {}
     f = lambda v: sig(v, 2)  # noqa: E731
     return (f"TMC fit: logistic {goal_le(100 * lo if _num(lo) else None, 10, '%', f)}; trivial model "
-            f"{goal_le(100 * tr if _num(tr) else None, 10, '%', f)}; 2 workers {goal_ge(w, 1.0)} (loaded machine)")
+            f"{goal_le(100 * tr if _num(tr) else None, 10, '%', f)}; 2 workers "
+            f"{goal_ge(w.get('speedup_reused_pool'), 1.0)} ({_workers_load(w)})")
 
 
 def _status_scale():

@@ -127,3 +127,16 @@ def test_attribution_renders_only_attribution_job_results(report, results):
     assert "No results yet" in report.render("attribution")
     (results / "attribution_refs.json").write_text(json.dumps({"models": {"logistic": {"rows": [{"method": "x"}]}}}))
     assert "No results yet" in report.render("attribution")  # another layout (no LDS rows): not an attribution table
+
+
+def test_workers_status_quotes_the_recorded_load(report, results):
+    """The index says under which load 2 workers were timed (read from the JSON, not a fixed label)."""
+    d = json.loads((results / "valuation_overhead.json").read_text())
+    w = d["cases"]["workers"]
+    for r in w["serial"]["runs"] + w["two_workers_reused_pool"]["runs"]:
+        r["load_average_1min"] = 4.2
+    (results / "valuation_overhead.json").write_text(json.dumps(d))
+    index = report.render("index")
+    assert "2 workers goal 1x: 1.75x — met (load average 4.2-4.2 on 2 cores)" in index
+    assert "loaded machine" not in index
+    assert "load average 4.2-4.2 on 2 cores" in report.render("valuation_scale")
