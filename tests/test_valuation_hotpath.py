@@ -320,3 +320,26 @@ def test_an_infinite_score_is_treated_like_nan():
         strict.evaluate(bad[None])
     with pytest.raises(UserError, match="returned NaN or inf"):
         strict.evaluate(np.stack([bad, ~bad | bad]))
+
+
+def test_the_hoisted_batch_loop_equals_fit_score_with_failures_and_nans():
+    """A batch of plain copies is fitted by a loop with _fit_score's lookups hoisted; a subclass overriding
+    _fit_score keeps the per-subset call. Both give the same scores, counts and strict-mode errors."""
+    class Overridden(ModelUtility):
+        def _fit_score(self, r):
+            return super()._fit_score(r)
+
+    train, test = problem(12)
+    masks = np.random.default_rng(5).random((40, 12)) < 0.4
+    masks[:3] = np.eye(12, dtype=bool)[:3]  # single players: failed fits
+    scorer = SupervisedScorer(nan_for_class_0, test, default=-1.0)
+    fast = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
+    slow = Overridden(Picky(), scorer, show_warnings=False).with_dataset(train)
+    assert fast._plain_fits and not slow._plain_fits
+    np.testing.assert_array_equal(fast.evaluate(masks), slow.evaluate(masks))
+    assert (fast.n_evaluations, fast.n_failed, fast.n_nan) == (slow.n_evaluations, slow.n_failed, slow.n_nan)
+    assert fast.n_failed >= 3 and fast.n_nan > 0
+    for cls in (ModelUtility, Overridden):
+        strict = cls(Picky(), scorer, catch_errors=False).with_dataset(train)
+        with pytest.raises(UserError, match="on a subset of 1 points failed: ValueError"):
+            strict.evaluate(masks[:4])

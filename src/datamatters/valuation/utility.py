@@ -524,16 +524,33 @@ class ModelUtility(Utility):
             self._warm = model
         return score, OK
 
+    @property
+    def _plain_fits(self) -> bool:
+        """Whether every fit is a fresh plain copy of the model (no warm start, no overridden _fit_score)."""
+        return (not self.warm_start and self.clone_before_fit and self._copy is not None
+                and type(self)._fit_score is ModelUtility._fit_score)
+
     def _compute(self, masks):
         """Fit and score each subset, with the check for non-finite scores vectorised after the loop."""
         rows = self.data.row_masks(masks)
         scores = np.zeros((len(masks),) + (() if self.n_outputs is None else (self.n_outputs,)))
         status = np.zeros(len(masks), np.int8)
-        fit_score = self._fit_score
-        for j, r in enumerate(rows):
-            scores[j], st = fit_score(r)
-            if st:
-                status[j] = st
+        if self._plain_fits:  # _fit_score's common case with its lookups hoisted out of the loop (~1 us a subset)
+            x, y, new, score = self.data.x, self.data.y, self._copy, self.scorer
+            for j, r in enumerate(rows):
+                try:
+                    model = new()
+                    model.fit(x[r], y[r])
+                    s = score(model)
+                except Exception as exc:  # noqa: BLE001 - as in _fit_score
+                    s, status[j] = 0.0, self._handle(exc, int(r.sum()))
+                scores[j] = s
+        else:
+            fit_score = self._fit_score
+            for j, r in enumerate(rows):
+                scores[j], st = fit_score(r)
+                if st:
+                    status[j] = st
         nan = ~np.isfinite(scores)
         if np.count_nonzero(nan):
             nan = nan.reshape(len(masks), -1).any(1)
