@@ -343,3 +343,25 @@ def test_the_hoisted_batch_loop_equals_fit_score_with_failures_and_nans():
         strict = cls(Picky(), scorer, catch_errors=False).with_dataset(train)
         with pytest.raises(UserError, match="on a subset of 1 points failed: ValueError"):
             strict.evaluate(masks[:4])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_walk_step_scores_fails_and_counts_like_a_batch(grouped):
+    """The permutation walk's one-subset call (_evaluate_one, a float, mask reused afterwards) equals a batch."""
+    train, test = problem(12)
+    if grouped:
+        train = Dataset(train.x, train.y, groups=np.arange(12) // 2)
+    n = len(train)
+    masks = np.random.default_rng(6).random((30, n)) < 0.4
+    masks[:3] = np.eye(n, dtype=bool)[:3]
+    masks = np.unique(masks[masks.any(1)], axis=0)
+    scorer = SupervisedScorer(nan_for_class_0, test, default=-1.0)
+    batch = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
+    walk = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
+    expected = batch.evaluate(masks)
+    with walk.session():
+        got = [walk._evaluate_one(m) for m in masks]
+    assert all(type(g) is float for g in got)
+    np.testing.assert_array_equal(got, expected)
+    assert (walk.n_evaluations, walk.n_failed, walk.n_nan) == (batch.n_evaluations, batch.n_failed, batch.n_nan)
+    assert walk.n_nan > 0 and (walk.n_failed > 0) == (not grouped)

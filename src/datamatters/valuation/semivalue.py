@@ -100,13 +100,13 @@ def _walk(order: np.ndarray, mask: np.ndarray, pos: int, u_row: np.ndarray, util
           total: float | None) -> None:
     """``prefix_utilities`` for a single permutation from position ``pos`` (``mask``: its prefix before it), one
     prefix per evaluation, until it truncates or ends; writes into ``u_row``."""
-    n = len(order)
+    n, one, fires = len(order), utility._evaluate_one, truncation.fires
     while pos < n:
         mask[order[pos]] = True
-        u = float(utility._evaluate(mask[None].copy(), distinct=True)[0])
+        u = one(mask)
         u_row[pos] = u
         pos += 1
-        if truncation.fires(pos, u, n, total):
+        if fires(pos, u, n, total):
             u_row[pos:] = u
             return
 

@@ -319,6 +319,11 @@ class Utility:
         out[nonempty] = np.asarray([found[k] for k in keys], dtype=float).reshape((len(nonempty),) + shape[1:])
         return out
 
+    def _evaluate_one(self, mask: np.ndarray) -> float:
+        """u of one distinct, non-empty subset the framework built (a permutation walk's prefix), as a float; the
+        caller may change ``mask`` afterwards."""
+        return float(self._evaluate(mask[None].copy(), distinct=True)[0])
+
     def _compute_many(self, masks: np.ndarray) -> np.ndarray:
         if self._executor is None:
             scores, status = self._compute(masks)
@@ -490,20 +495,31 @@ class ModelUtility(Utility):
     def _evaluate(self, masks, distinct=False):
         """One subset in this process (a TMC step, a user's ``u(S)``) is fitted and scored inline, without the
         batch's arrays and checks: their fixed cost is several times the fit of a trivial model."""
-        if (len(masks) != 1 or not self._inline_one or not self._env_held or self.cache is not None
-                or self._executor is not None
-                or getattr(self.scorer, "n_outputs", None) is not None or not (distinct or np.count_nonzero(masks))):
+        if len(masks) != 1 or not self._can_inline() or not (distinct or np.count_nonzero(masks)):
             return super()._evaluate(masks, distinct)
-        r = masks[0] if self.data.group_labels is None else masks[0][self.data.group_of_row]
+        out = np.empty(1)
+        out[0] = self._fit_one(masks[0])
+        return out
+
+    def _evaluate_one(self, mask):
+        if not self._can_inline():
+            return super()._evaluate_one(mask)
+        return float(self._fit_one(mask.copy()))
+
+    def _can_inline(self) -> bool:
+        return (self._inline_one and self._env_held and self.cache is None and self._executor is None
+                and getattr(self.scorer, "n_outputs", None) is None)
+
+    def _fit_one(self, mask: np.ndarray):
+        """u of one non-empty subset (player mask), with the batch path's counts, defaults and errors."""
+        r = mask if self.data.group_labels is None else mask[self.data.group_of_row]
         score, status = self._fit_score(r)
         if status == OK and -_INF < score < _INF:  # finite (NaN fails both comparisons)
             self.n_evaluations += 1
-            out = np.empty(1)
-            out[0] = score
-            return out
+            return score
         if status == OK:
             status = self._nan_status(int(r.sum()))
-        return self._record(np.array([score], float), np.array([status], np.int8))
+        return self._record(np.array([score], float), np.array([status], np.int8))[0]
 
     def _fit_score(self, r: np.ndarray) -> tuple[Any, int]:
         """Fit a model on the rows ``r`` (a boolean mask, as ``X[S]`` would select them) and score it."""
