@@ -170,16 +170,22 @@ def test_trak_reuses_its_training_features_and_recomputes_other_points(linear):
     assert tr.stats["featurized_rows"] == 2 * N + 3 * len(Yt) and tr.stats["reused_train_features"] == 3
 
 
+def _trak_problem(data_seed: int, n: int, n_members: int, member_seed: int):
+    """n train and 9 test points (5 features, 3 classes, float64) and MLP members initialised from member_seed + c."""
+    g = torch.Generator().manual_seed(data_seed)
+    X, y = torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    Xt, yt = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
+    members = []
+    for c in range(n_members):
+        torch.manual_seed(member_seed + c)
+        members.append(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double())
+    return X, y, Xt, yt, members
+
+
 def test_trak_ensemble_equals_one_member_at_a_time():
     from datamatters.influence.trak import trak_ensemble
 
-    g = torch.Generator().manual_seed(3)
-    X, y = torch.randn(40, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g)
-    Xt, yt = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
-    members = []
-    for c in range(4):
-        torch.manual_seed(10 + c)
-        members.append(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double())
+    X, y, Xt, yt, members = _trak_problem(data_seed=3, n=40, n_members=4, member_seed=10)
     seeds = [7, 8, 9, 11]
     for proj in ("rademacher", "gaussian"):
         S = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, projection_dim=6, regularization=0.05, seeds=seeds,
@@ -189,7 +195,8 @@ def test_trak_ensemble_equals_one_member_at_a_time():
             one = TrakInfluence(m, F.cross_entropy, projection_dim=6, regularization=0.05, seed=seeds[c],
                                 projection=proj).fit([(X, y)]).influences(Xt, yt, X, y)
             assert _rel(S[c], one) < 1e-12
-        assert _rel(S[0], S[1]) > 0.1  # members differ (a vmap that reused member 0 would fail above)
+        assert _rel(S[0], S[1]) > 0.1  # precondition: members score differently, so the per-member check above
+        # can tell a vmap that reused member 0 from a correct one
         grouped = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, projection_dim=6, regularization=0.05,
                                 seeds=seeds, projection=proj, chunk=6 * 39 * 2)  # (k x p) x 2: two members per pass
         assert _rel(grouped, S) < 1e-12
@@ -207,13 +214,7 @@ def test_trak_ensemble_float32_matches_float64():
     float32, or another seed) is off by O(1), far outside that tolerance."""
     from datamatters.influence.trak import trak_ensemble
 
-    g = torch.Generator().manual_seed(5)
-    X, y = torch.randn(60, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (60,), generator=g)
-    Xt, yt = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randint(0, 3, (9,), generator=g)
-    members = []
-    for c in range(3):
-        torch.manual_seed(20 + c)
-        members.append(nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3)).double())
+    X, y, Xt, yt, members = _trak_problem(data_seed=5, n=60, n_members=3, member_seed=20)
     kw = dict(projection_dim=12, regularization=0.01, seeds=[4, 5, 6])
     for proj in ("rademacher", "gaussian"):
         S64 = trak_ensemble(members, F.cross_entropy, X, y, Xt, yt, projection=proj, **kw)

@@ -249,16 +249,22 @@ def nan_for_class_0(model, X, y):
     return float("nan") if model.c_ == 0 else float(np.mean(model.predict(X) == y))
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_one_subset_per_call_equals_one_batch_with_failures_and_nans(grouped):
+def failing_subsets(grouped: bool, seed: int, n_masks: int):
+    """12 points (6 groups when grouped), distinct non-empty masks starting with 3 single players (failed fits when
+    ungrouped), and a scorer that gives NaN for models predicting class 0."""
     train, test = problem(12)
     if grouped:
         train = Dataset(train.x, train.y, groups=np.arange(12) // 2)
     n = len(train)
-    masks = np.random.default_rng(4).random((40, n)) < 0.4
-    masks[:3] = np.eye(n, dtype=bool)[:3]  # single players: failed fits when ungrouped
+    masks = np.random.default_rng(seed).random((n_masks, n)) < 0.4
+    masks[:3] = np.eye(n, dtype=bool)[:3]
     masks = np.unique(masks[masks.any(1)], axis=0)  # distinct and non-empty: a batch trains each once as well
-    scorer = SupervisedScorer(nan_for_class_0, test, default=-1.0)
+    return train, masks, SupervisedScorer(nan_for_class_0, test, default=-1.0)
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_one_subset_per_call_equals_one_batch_with_failures_and_nans(grouped):
+    train, masks, scorer = failing_subsets(grouped, seed=4, n_masks=40)
     batch = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
     one = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
     expected = batch.evaluate(masks)
@@ -348,14 +354,7 @@ def test_the_hoisted_batch_loop_equals_fit_score_with_failures_and_nans():
 @pytest.mark.parametrize("grouped", [False, True])
 def test_a_walk_step_scores_fails_and_counts_like_a_batch(grouped):
     """The permutation walk's one-subset call (_evaluate_one, a float, mask reused afterwards) equals a batch."""
-    train, test = problem(12)
-    if grouped:
-        train = Dataset(train.x, train.y, groups=np.arange(12) // 2)
-    n = len(train)
-    masks = np.random.default_rng(6).random((30, n)) < 0.4
-    masks[:3] = np.eye(n, dtype=bool)[:3]
-    masks = np.unique(masks[masks.any(1)], axis=0)
-    scorer = SupervisedScorer(nan_for_class_0, test, default=-1.0)
+    train, masks, scorer = failing_subsets(grouped, seed=6, n_masks=30)
     batch = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
     walk = ModelUtility(Picky(), scorer, show_warnings=False).with_dataset(train)
     expected = batch.evaluate(masks)
