@@ -23,6 +23,14 @@ from datamatters.training.classifier import ClassifierModule, per_example_loss, 
 SPLITS = ("train", "val", "test")
 
 
+def batch_sums(logits: torch.Tensor, losses: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
+    """(loss sum, correct count, example count) of one batch in float32: epoch means are sums over batches
+    divided once (the example-weighted mean loss and micro accuracy that ``ClassifierModule`` logs)."""
+    with torch.no_grad():
+        correct = (predictions(logits, loss) == y).sum()
+        return torch.stack([losses.detach().float().sum(), correct.float(), correct.new_tensor(len(y)).float()])
+
+
 class EpochLoggedClassifier(ClassifierModule):
     """``ClassifierModule`` without per-step logging: ``{split}/loss`` and ``{split}/acc`` are logged once per epoch
     (summed over ranks under DDP), so there is no ``train/loss_step``; use ``ClassifierModule`` where a step curve is
@@ -39,10 +47,7 @@ class EpochLoggedClassifier(ClassifierModule):
         _, x, y = batch
         logits = self(x)
         losses = per_example_loss(logits, y, self.loss_name)
-        with torch.no_grad():
-            correct = (predictions(logits, self.loss_name) == y).sum()
-            self._sums[split] += torch.stack([losses.detach().float().sum(), correct.float(),
-                                              correct.new_tensor(len(y)).float()])
+        self._sums[split] += batch_sums(logits, losses, y, self.loss_name)
         return losses.mean()
 
     def _log_epoch(self, split: str) -> None:
@@ -109,9 +114,7 @@ def _validate(model: torch.nn.Module, loader, loss: str, device) -> dict:
     for _, x, y in loader:
         x, y = x.to(device), y.to(device)
         logits = model(x)
-        correct = (predictions(logits, loss) == y).sum()
-        s += torch.stack([per_example_loss(logits, y, loss).float().sum(), correct.float(),
-                          correct.new_tensor(len(y)).float()])
+        s += batch_sums(logits, per_example_loss(logits, y, loss), y, loss)
     model.train()
     return {"val/loss": float(s[0] / s[2]), "val/acc": float(s[1] / s[2])}
 
@@ -144,9 +147,7 @@ def lean_fit(model: torch.nn.Module, optimizer: Callable, train_loader, val_load
             opt.zero_grad(set_to_none=True)
             losses.mean().backward()
             opt.step()
-            with torch.no_grad():
-                correct = (predictions(logits, loss) == y).sum()
-                tot += torch.stack([losses.detach().float().sum(), correct.float(), correct.new_tensor(len(y)).float()])
+            tot += batch_sums(logits, losses, y, loss)
         metrics = {"train/loss": float(tot[0] / tot[2]), "train/acc": float(tot[1] / tot[2]),
                    **_validate(model, val_loader, loss, device)}
         bad = [k for k in ("train/loss", "val/loss") if not math.isfinite(metrics[k])]
